@@ -1,0 +1,3 @@
+from spool.cli.app import main
+
+main()
