@@ -1,0 +1,175 @@
+"""The Spool attention rule, written once at frame level.
+
+Frames are indexed 0 (C_start), 1..T (the clip), T+1 (C_end); k = local_frame_range.
+A query token in frame i may attend a key token in frame j when:
+
+- i is a context frame (0 or T+1): every j (context frames read the whole clip and each other);
+- lookback head, 1 <= i <= T:  i-k <= j <= i, or j = 0     (its own past plus C_start);
+- lookahead head, 1 <= i <= T: i <= j <= i+k, or j = T+1   (its own future plus C_end).
+
+Within allowed frames all L tokens are visible, so the token mask is the frame mask
+expanded over L (token -> frame is ``idx // L``).
+
+Example, T=4, k=1 (rows: query frame i, columns: key frame j, # = allowed):
+
+    lookback heads                 lookahead heads
+          C_s 1 2 3 4 C_e                C_s 1 2 3 4 C_e
+    C_s    #  # # # #  #         C_s     #  # # # #  #
+    1      #  # . . .  .         1       .  # # . .  #
+    2      #  # # . .  .         2       .  . # # .  #
+    3      #  . # # .  .         3       .  . . # #  #
+    4      #  . . # #  .         4       .  . . . #  #
+    C_e    #  # # # #  #         C_e     #  # # # #  #
+
+Without context frames (``context_frames=False``, the --no-context ablation) the frames
+are just the clip, indexed 0..T-1, and the rule is the window part alone:
+lookback i-k <= j <= i, lookahead i <= j <= i+k.
+
+Everything the attention backends need is derived from ``frame_allowed``: the dense
+reference mask (``token_mask``), the flex BlockMask (``block_mask``) and, in
+``spool.attention``, the validity of the blocked backend's gathered key windows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def frame_allowed(i, j, *, num_frames, local_frame_range, lookahead, context_frames):
+    """May a query in frame ``i`` attend a key in frame ``j``?
+
+    Works on Python ints and on integer tensors (broadcasting), so the same function
+    builds the (F, F) table and serves as a flex ``mask_mod`` after ``idx // L``.
+    Uses only ``&``, ``|`` and comparisons, which both ints and tensors support.
+    """
+    k = local_frame_range
+    if lookahead:
+        window = (j >= i) & (j <= i + k)
+    else:
+        window = (j >= i - k) & (j <= i)
+    if not context_frames:
+        return window
+    last = num_frames + 1
+    from_context = (i == 0) | (i == last)
+    to_own_context = (j == last) if lookahead else (j == 0)
+    return from_context | window | to_own_context
+
+
+def num_frames_total(num_frames: int, context_frames: bool) -> int:
+    """F: frames in the attended sequence (T + 2 with C_start and C_end, else T)."""
+    return num_frames + 2 if context_frames else num_frames
+
+
+def frame_mask(num_frames, local_frame_range, lookahead, context_frames=True, device=None):
+    """(F, F) bool: row i = query frame, column j = key frame."""
+    F = num_frames_total(num_frames, context_frames)
+    idx = torch.arange(F, device=device)
+    return frame_allowed(
+        idx[:, None],
+        idx[None, :],
+        num_frames=num_frames,
+        local_frame_range=local_frame_range,
+        lookahead=lookahead,
+        context_frames=context_frames,
+    )
+
+
+def token_mask(
+    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True, device=None
+):
+    """(H, S, S) bool dense reference, S = F * L. Heads h < num_lookback_heads look back."""
+    _check_split(num_heads, num_lookahead_heads)
+    groups = []
+    for lookahead, n in ((False, num_heads - num_lookahead_heads), (True, num_lookahead_heads)):
+        m = frame_mask(num_frames, local_frame_range, lookahead, context_frames, device)  # (F, F)
+        m = m.repeat_interleave(num_tokens, 0).repeat_interleave(num_tokens, 1)  # (S, S)
+        groups.append(m.expand(n, -1, -1))
+    return torch.cat(groups, dim=0)  # (H, S, S)
+
+
+def spool_mask_mod(num_frames, num_tokens, local_frame_range, num_lookback_heads, context_frames):
+    """attention-gym style ``mask_mod(b, h, q_idx, kv_idx)`` for flex_attention."""
+    rule = functools.partial(
+        frame_allowed, num_frames=num_frames, local_frame_range=local_frame_range, context_frames=context_frames
+    )
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        i, j = q_idx // num_tokens, kv_idx // num_tokens
+        lookback = (h < num_lookback_heads) & rule(i, j, lookahead=False)
+        lookahead = (h >= num_lookback_heads) & rule(i, j, lookahead=True)
+        return lookback | lookahead
+
+    mask_mod.__name__ = f"spool_T{num_frames}_L{num_tokens}_k{local_frame_range}_lb{num_lookback_heads}"
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_block_mask(num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    S = num_frames_total(num_frames, context_frames) * num_tokens
+    mask_mod = spool_mask_mod(
+        num_frames, num_tokens, local_frame_range, num_heads - num_lookahead_heads, context_frames
+    )
+    # B=None: the rule is the same for every clip in the batch.
+    return create_block_mask(mask_mod, B=None, H=num_heads, Q_LEN=S, KV_LEN=S, device=device)
+
+
+def block_mask(
+    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True, device="cpu"
+):
+    """flex_attention BlockMask for all heads, cached per (T, L, k, head split, context, device)."""
+    _check_split(num_heads, num_lookahead_heads)
+    return _cached_block_mask(
+        num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, str(device)
+    )
+
+
+def _check_split(num_heads, num_lookahead_heads):
+    if not 0 <= num_lookahead_heads <= num_heads:
+        raise ValueError(
+            f"num_lookahead_heads={num_lookahead_heads} must be between 0 and num_heads={num_heads}"
+        )
+
+
+# ---- drawing the mask for `spool show-mask` ----------------------------------------------
+
+
+def _frame_labels(num_frames, context_frames):
+    labels = [str(t) for t in range(1, num_frames + 1)] if context_frames else [str(t) for t in range(num_frames)]
+    return ["C_s", *labels, "C_e"] if context_frames else labels
+
+
+def mask_json(num_frames, local_frame_range, num_heads, num_lookahead_heads, context_frames=True):
+    """{"lookback": rows, "lookahead": rows}, rows = query frames (0..T+1 with context), 0/1 ints."""
+    _check_split(num_heads, num_lookahead_heads)
+    return {
+        name: frame_mask(num_frames, local_frame_range, lookahead, context_frames).int().tolist()
+        for name, lookahead in (("lookback", False), ("lookahead", True))
+    }
+
+
+def render_mask(num_frames, local_frame_range, num_heads, num_lookahead_heads, context_frames=True):
+    """Terminal drawing of both head groups' frame masks side by side (# allowed, . masked)."""
+    masks = mask_json(num_frames, local_frame_range, num_heads, num_lookahead_heads, context_frames)
+    labels = _frame_labels(num_frames, context_frames)
+    w = max(len(s) for s in labels)
+    counts = {"lookback": num_heads - num_lookahead_heads, "lookahead": num_lookahead_heads}
+
+    def block(name):
+        n = counts[name]
+        title = f"{name} ({n} head{'s' if n != 1 else ''})"
+        header = " " * (w + 1) + " ".join(s.rjust(w) for s in labels)
+        rows = [
+            label.ljust(w) + " " + " ".join(("#" if v else ".").rjust(w) for v in row)
+            for label, row in zip(labels, masks[name])
+        ]
+        return [title, header, *rows]
+
+    left, right = block("lookback"), block("lookahead")
+    width = max(len(s) for s in left) + 4
+    head = f"T={num_frames}, k={local_frame_range}, context frames {'on' if context_frames else 'off'}"
+    lines = [head, ""] + [a.ljust(width) + b for a, b in zip(left, right)]
+    return "\n".join(line.rstrip() for line in lines)
