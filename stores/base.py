@@ -74,6 +74,7 @@ class FeatureStore(abc.ABC):
     """
 
     path: Path
+    mode: str  # "r" or "a"
     attrs: dict[str, Any]  # schema_version, spool_version, backbone, weights, ... (see create_store)
 
     # --- shape of the store -------------------------------------------------------------
@@ -119,6 +120,10 @@ class FeatureStore(abc.ABC):
     @abc.abstractmethod
     def read_cls(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n, T, D) float16 for the given clip slots, in the given order."""
+
+    def pending_videos(self) -> np.ndarray:
+        """Indices of videos neither DONE nor FAILED: what a resumed extraction still has to do."""
+        return np.flatnonzero(self.videos().status == PENDING)
 
     # --- writing (mode "a" only) -------------------------------------------------------------
     @abc.abstractmethod

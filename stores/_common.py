@@ -1,0 +1,252 @@
+"""Parts both backends share: the expected arrays, attribute building, the fingerprint,
+input checks and the writer lock. Pure functions except ``WriterLock``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from spool.stores.base import NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, StoreError
+
+# Attributes that describe how or when a store was made, not what it holds: they are left
+# out of the fingerprint so re-running the same extraction gives the same fingerprint.
+# Callers should put the command line under "command".
+NON_CONTENT_ATTRS = ("created_at", "command", "command_line", "argv", "hostname", "spool_version", "fingerprint")
+
+# Attributes create_store adds; the caller's attrs may not set them.
+SCHEMA_ATTRS = ("schema_version", "spool_version", "clips_per_video", "num_frames", "num_tokens", "dim", "class_names")
+
+# Per-video arrays are chunked by this many videos (per-clip small arrays by this many videos'
+# clips), so committing one video rewrites one small chunk, not the whole table.
+VIDEO_CHUNK = 1024
+
+# Failure reasons are truncated to this many UTF-8 bytes (HDF5 keeps them fixed-width so
+# that marking a video failed never allocates file metadata).
+ERROR_BYTES = 512
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype string; "str" for text
+    per: str  # "clip" or "video": which index its first axis counts
+
+
+def expected_arrays(num_videos: int, clips_per_video: int, T: int, L: int, D: int) -> dict[str, ArraySpec]:
+    """Every array of a store with its shape and dtype (the table in ``base``'s docstring)."""
+    M, N = num_videos, num_videos * clips_per_video
+    return {
+        "patches": ArraySpec((N, T, L, D), "float16", "clip"),
+        "cls": ArraySpec((N, T, D), "float16", "clip"),
+        "label": ArraySpec((N,), "int32", "clip"),
+        "video_index": ArraySpec((N,), "int64", "clip"),
+        "view_index": ArraySpec((N,), "int32", "clip"),
+        "split": ArraySpec((N,), "int8", "clip"),
+        "frame_indices": ArraySpec((N, T), "int64", "clip"),
+        "video_id": ArraySpec((M,), "str", "video"),
+        "num_frames": ArraySpec((M,), "int64", "video"),
+        "fps": ArraySpec((M,), "float64", "video"),
+        "status": ArraySpec((M,), "int8", "video"),
+        "error": ArraySpec((M,), "str", "video"),
+    }
+
+
+def fill_value(name: str) -> Any:
+    # -1 marks "no frame sampled" so an unwritten frame_indices row cannot pass for frame 0.
+    return {"frame_indices": -1, "video_id": "", "error": ""}.get(name, 0)
+
+
+def spool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("spool")
+    except Exception:  # not installed (running from a checkout): the version is informative only
+        return "unknown"
+
+
+def fingerprint(attrs: dict[str, Any], video_ids: Sequence[str], labels: np.ndarray, splits: np.ndarray) -> str:
+    """sha256 over what defines a store's content: the attrs except NON_CONTENT_ATTRS, the
+    video ids, labels and splits. Two stores with equal fingerprints hold the same features."""
+    h = hashlib.sha256()
+    content = {k: v for k, v in attrs.items() if k not in NON_CONTENT_ATTRS}
+    h.update(json.dumps(content, sort_keys=True, ensure_ascii=True).encode())
+    h.update(b"\0videos\0")
+    for vid in video_ids:
+        h.update(vid.encode("utf-8") + b"\0")
+    h.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+    h.update(np.ascontiguousarray(splits, dtype="i1").tobytes())
+    return h.hexdigest()
+
+
+def build_attrs(
+    caller_attrs: dict[str, Any],
+    *,
+    video_ids: Sequence[str],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    class_names: Sequence[str],
+    clips_per_video: int,
+    num_frames: int,
+    num_tokens: int,
+    dim: int,
+) -> dict[str, Any]:
+    clash = sorted(set(caller_attrs) & (set(SCHEMA_ATTRS) | {"created_at", "fingerprint"}))
+    if clash:
+        raise StoreError(f"attrs {clash} are set by create_store itself; pass them as arguments or drop them from attrs")
+    try:
+        json.dumps(caller_attrs)
+    except TypeError as e:
+        raise StoreError(f"attrs must be JSON-serialisable (store attributes are JSON): {e}") from None
+    attrs = dict(caller_attrs)
+    attrs.update(
+        schema_version=SCHEMA_VERSION,
+        spool_version=spool_version(),
+        clips_per_video=int(clips_per_video),
+        num_frames=int(num_frames),
+        num_tokens=int(num_tokens),
+        dim=int(dim),
+        class_names=[str(c) for c in class_names],
+    )
+    attrs["fingerprint"] = fingerprint(attrs, video_ids, labels, splits)
+    attrs["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return attrs
+
+
+def check_create_inputs(
+    video_ids: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    splits: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    clips_per_video: int,
+    num_frames: int,
+    num_tokens: int,
+    dim: int,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Validate create_store's arguments; returns (video_ids, labels int32, splits int8)."""
+    ids = [str(v) for v in video_ids]
+    labels_a = np.asarray(labels)
+    splits_a = np.asarray(splits)
+    if not ids:
+        raise StoreError("create_store needs at least one video (video_ids is empty)")
+    if labels_a.shape != (len(ids),) or splits_a.shape != (len(ids),):
+        raise StoreError(
+            f"labels {labels_a.shape} and splits {splits_a.shape} must both have shape ({len(ids)},), one per video id"
+        )
+    if len(set(ids)) != len(ids):
+        dup = next(v for v in ids if ids.count(v) > 1)
+        raise StoreError(f"video_ids must be unique; {dup!r} appears more than once")
+    if not np.issubdtype(labels_a.dtype, np.integer) or not np.issubdtype(splits_a.dtype, np.integer):
+        raise StoreError(f"labels and splits must be integers, got {labels_a.dtype} and {splits_a.dtype}")
+    if labels_a.min() < 0 or labels_a.max() >= len(class_names):
+        raise StoreError(f"labels must lie in [0, {len(class_names)}) (one per class name); got {labels_a.min()}..{labels_a.max()}")
+    allowed = {NO_SPLIT, *SPLIT_CODES.values()}
+    if not set(np.unique(splits_a).tolist()) <= allowed:
+        raise StoreError(f"splits must be codes {sorted(allowed)} (base.SPLIT_CODES, -1 = none); got {np.unique(splits_a)}")
+    for name, value in dict(clips_per_video=clips_per_video, num_frames=num_frames, num_tokens=num_tokens, dim=dim).items():
+        if int(value) < 1:
+            raise StoreError(f"{name} must be >= 1, got {value}")
+    return ids, labels_a.astype(np.int32), splits_a.astype(np.int8)
+
+
+def clip_tables(labels: np.ndarray, splits: np.ndarray, clips_per_video: int) -> dict[str, np.ndarray]:
+    """The static per-clip arrays implied by the fixed slots: clip v*C + c is view c of video v."""
+    M, C = len(labels), clips_per_video
+    return {
+        "label": np.repeat(labels.astype(np.int32), C),
+        "video_index": np.repeat(np.arange(M, dtype=np.int64), C),
+        "view_index": np.tile(np.arange(C, dtype=np.int32), M),
+        "split": np.repeat(splits.astype(np.int8), C),
+    }
+
+
+def check_schema_attrs(attrs: dict[str, Any], path: Path) -> None:
+    """Raise unless attrs come from a store this Spool can read."""
+    if "schema_version" not in attrs:
+        raise StoreError(f"{path} is not a Spool feature store (no schema_version attribute)")
+    version = int(attrs["schema_version"])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: store written by a newer Spool, schema v{version} > v{SCHEMA_VERSION}; upgrade spool"
+        )
+    missing = [k for k in SCHEMA_ATTRS if k not in attrs]
+    if missing:
+        raise StoreError(f"{path}: attributes {missing} are missing; the store is damaged or was not written by Spool")
+
+
+def truncate_reason(reason: str) -> str:
+    """The reason as stored: at most ERROR_BYTES UTF-8 bytes, cut at a character boundary."""
+    return str(reason).encode("utf-8")[:ERROR_BYTES].decode("utf-8", errors="ignore")
+
+
+def as_indices(clip_indices: Sequence[int] | np.ndarray, num_clips: int, path: Path) -> np.ndarray:
+    idx = np.asarray(clip_indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= num_clips):
+        bad = idx[(idx < 0) | (idx >= num_clips)][0]
+        raise IndexError(f"{path}: clip index {bad} out of range, the store has {num_clips} clip slots")
+    return idx
+
+
+def check_video_write(
+    video_index: int,
+    num_videos: int,
+    patches: np.ndarray,
+    cls: np.ndarray,
+    frame_indices: np.ndarray,
+    C: int,
+    T: int,
+    L: int,
+    D: int,
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not 0 <= video_index < num_videos:
+        raise IndexError(f"{path}: video index {video_index} out of range, the store has {num_videos} videos")
+    expect = {"patches": (C, T, L, D), "cls": (C, T, D), "frame_indices": (C, T)}
+    arrays = {"patches": np.asarray(patches), "cls": np.asarray(cls), "frame_indices": np.asarray(frame_indices)}
+    for name, arr in arrays.items():
+        if arr.shape != expect[name]:
+            raise StoreError(f"{path}: write_video {name} has shape {arr.shape}, the store expects {expect[name]} (clips_per_video, T, ...)")
+    for name in ("patches", "cls"):
+        if not np.issubdtype(arrays[name].dtype, np.floating):
+            raise StoreError(f"{path}: write_video {name} must be floating point, got {arrays[name].dtype}")
+    return (
+        np.ascontiguousarray(arrays["patches"], dtype="<f2"),
+        np.ascontiguousarray(arrays["cls"], dtype="<f2"),
+        np.ascontiguousarray(arrays["frame_indices"], dtype=np.int64),
+    )
+
+
+class WriterLock:
+    """Exclusive, non-blocking flock on ``lock_path``, held until ``release``. The kernel drops
+    it when the process dies, so a killed writer never leaves a stale lock behind."""
+
+    def __init__(self, lock_path: Path, store_path: Path):
+        self.lock_path = Path(lock_path)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): "
+                "another `spool extract` is writing it. Wait for it to finish, or stop that process."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        # The lock file stays: unlinking it would let a waiter lock an orphaned inode.
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,289 @@
+"""HDF5 backend (``*.h5`` / ``*.hdf5``) through h5py.
+
+HDF5 keeps B-trees, heaps and object headers in the file, and a process killed while the
+library rewrites them can leave a file that no longer opens. So this backend makes every
+write after creation a plain overwrite of raw data bytes that are already allocated:
+
+- every dataset is contiguous, fixed-size and allocated at creation (``ALLOC_TIME_EARLY``),
+  without filters, so writing clips never allocates or moves anything;
+- strings written later (failure reasons) are fixed-width bytes, not variable-length
+  strings, which would allocate in the global heap on every write;
+- attributes and the variable-length video ids are written once, at creation, in a temporary
+  file that is renamed into place when complete.
+
+The commit protocol is the zarr one with explicit flushes as the ordering barrier: write the
+clips, ``flush``, write the per-video fields, ``flush``, write the one status byte, ``flush``.
+A SIGKILL leaves the metadata untouched and at most a partly written video whose status byte
+is not DONE. Power loss is not covered (nothing is fsynced), see docs/store-format.md.
+
+Because patches are contiguous, clip ``i`` lies at a fixed byte offset and reads go through a
+numpy memmap of the file rather than h5py (see docs/benchmarks.md, "Store reads").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from spool.stores._common import (
+    ERROR_BYTES,
+    WriterLock,
+    as_indices,
+    check_schema_attrs,
+    check_video_write,
+    clip_tables,
+    expected_arrays,
+    fill_value,
+    truncate_reason,
+)
+from spool.stores.base import DONE, FAILED, PENDING, ClipTable, FeatureStore, StoreError, VideoTable
+
+
+def lock_path(path: Path) -> Path:
+    return Path(f"{path}.lock")
+
+
+def read_h5_attrs(path: Path) -> dict[str, Any] | None:
+    """The Spool attributes of an HDF5 file (each stored JSON-encoded), or None if not HDF5."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return {k: json.loads(v) for k, v in f.attrs.items()}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _h5_dtype(name: str, spec_dtype: str) -> Any:
+    if name == "video_id":
+        return h5py.string_dtype("utf-8")
+    if name == "error":
+        return np.dtype(f"S{ERROR_BYTES}")
+    return np.dtype(spec_dtype).newbyteorder("<")
+
+
+def _create_dataset(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any, data: np.ndarray | None) -> None:
+    if data is not None:
+        f.create_dataset(name, data=data, dtype=dtype, track_times=False)
+        return
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    # Allocate now so later writes only overwrite bytes in place (see the module docstring).
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    fill = fill_value(name)
+    big = name in ("patches", "cls")
+    f.create_dataset(
+        name,
+        shape=shape,
+        dtype=dtype,
+        fillvalue=b"" if name == "error" else fill,
+        # Feature slots are left as holes of a sparse file (reading as zeros) rather than written.
+        fill_time="never" if big else "alloc",
+        track_times=False,
+        dcpl=dcpl,
+    )
+
+
+def create_hdf5(
+    path: Path,
+    attrs: dict[str, Any],
+    video_ids: list[str],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    overwrite: bool,
+) -> "HDF5FeatureStore":
+    path = Path(path)
+    lock = WriterLock(lock_path(path), path)  # same lock for the old and the new file
+    try:
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise StoreError(
+                    f"{path} already exists; open it with open_store({str(path)!r}, 'a') to resume, "
+                    "or pass overwrite=True to replace it"
+                )
+            old = read_h5_attrs(path) if path.is_file() else None
+            if old is None or "schema_version" not in old:
+                raise StoreError(f"refusing to overwrite {path}: it is not a Spool feature store (no schema_version); remove it yourself")
+        C, T, L, D = (int(attrs[k]) for k in ("clips_per_video", "num_frames", "num_tokens", "dim"))
+        specs = expected_arrays(len(video_ids), C, T, L, D)
+        static = clip_tables(labels, splits, C)
+        static["video_id"] = np.array(video_ids, dtype=object)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        try:
+            with h5py.File(tmp, "w") as f:
+                for k, v in attrs.items():
+                    f.attrs[k] = json.dumps(v)
+                for name, spec in specs.items():
+                    _create_dataset(f, name, spec.shape, _h5_dtype(name, spec.dtype), static.get(name))
+            os.replace(tmp, path)  # atomic: a kill leaves the old file or the complete new one
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        lock.release()
+        raise
+    return HDF5FeatureStore(path, "a", _lock=lock)
+
+
+class HDF5FeatureStore(FeatureStore):
+    def __init__(self, path: str | Path, mode: str = "r", *, _lock: WriterLock | None = None):
+        self.path = Path(path)
+        self.mode = mode
+        if mode not in ("r", "a"):
+            raise StoreError(f"mode must be 'r' (read) or 'a' (append/resume), got {mode!r}")
+        self._lock = _lock
+        self._file: h5py.File | None = None
+        try:
+            if mode == "a" and self._lock is None:
+                self._lock = WriterLock(lock_path(self.path), self.path)
+            try:
+                # Readers skip HDF5's own file lock so they can read while `spool extract` writes.
+                self._file = h5py.File(self.path, "r+" if mode == "a" else "r", locking=mode == "a")
+            except OSError as e:
+                raise StoreError(f"{self.path} cannot be opened as HDF5 ({e}); create it with create_store") from None
+            try:
+                self.attrs = {k: json.loads(v) for k, v in self._file.attrs.items()}
+            except (TypeError, ValueError):
+                raise StoreError(f"{self.path} is not a Spool feature store (attributes are not JSON)") from None
+            check_schema_attrs(self.attrs, self.path)
+            self._ds = self._check_datasets()
+            self._mm = {name: self._memmap(name) for name in ("patches", "cls")}
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_datasets(self) -> dict[str, h5py.Dataset]:
+        f = self._file
+        if "video_id" not in f:
+            raise StoreError(f"{self.path}: dataset 'video_id' is missing; the store is damaged, re-create it")
+        M = f["video_id"].shape[0]
+        specs = expected_arrays(M, self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
+        out = {}
+        for name, spec in specs.items():
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise StoreError(f"{self.path}: dataset {name!r} is missing; the store is damaged, re-create it")
+            ds = f[name]
+            ok_dtype = ds.dtype.kind in "OS" if spec.dtype == "str" else ds.dtype == np.dtype(spec.dtype)
+            if ds.shape != spec.shape or not ok_dtype:
+                raise StoreError(
+                    f"{self.path}: dataset {name!r} has shape {ds.shape} dtype {ds.dtype}, "
+                    f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
+                )
+            out[name] = ds
+        return out
+
+    def _memmap(self, name: str) -> np.memmap | None:
+        """A read-only view of a contiguous, unfiltered dataset's bytes, else None (use h5py)."""
+        ds = self._ds[name]
+        offset = ds.id.get_offset()
+        if ds.chunks is not None or offset is None or ds.dtype != np.dtype("<f2") or ds.size == 0:
+            return None
+        return np.memmap(self.path, dtype="<f2", mode="r", offset=offset, shape=ds.shape)
+
+    # --- shape -------------------------------------------------------------------------------
+    @property
+    def num_videos(self) -> int:
+        return int(self._ds["video_id"].shape[0])
+
+    # --- reading -----------------------------------------------------------------------------
+    def videos(self) -> VideoTable:
+        d = self._ds
+        C = self.clips_per_video
+        return VideoTable(
+            video_id=np.array([s.decode("utf-8") if isinstance(s, bytes) else s for s in d["video_id"][:]], dtype=object),
+            label=d["label"][::C],
+            split=d["split"][::C],
+            num_frames=d["num_frames"][:],
+            fps=d["fps"][:],
+            status=d["status"][:],
+            error=np.array([e.decode("utf-8") for e in d["error"][:]], dtype=object),
+        )
+
+    def clips(self) -> ClipTable:
+        d = self._ds
+        return ClipTable(
+            label=d["label"][:],
+            video_index=d["video_index"][:],
+            view_index=d["view_index"][:],
+            split=d["split"][:],
+            frame_indices=d["frame_indices"][:],
+            done=np.repeat(d["status"][:] == DONE, self.clips_per_video),
+        )
+
+    def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = as_indices(clip_indices, self.num_clips, self.path)
+        mm = self._mm[name]
+        if mm is not None:
+            return mm[idx]  # fancy indexing copies, in the given order
+        ds = self._ds[name]
+        out = np.empty((idx.size, *ds.shape[1:]), dtype=np.float16)
+        for k, i in enumerate(idx):
+            ds.read_direct(out, np.s_[int(i)], np.s_[k])
+        return out
+
+    def read_patches(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._read_clips("patches", clip_indices)
+
+    def read_cls(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._read_clips("cls", clip_indices)
+
+    # --- writing -----------------------------------------------------------------------------
+    def _writable(self) -> dict[str, h5py.Dataset]:
+        if self.mode != "a" or self._lock is None or self._file is None:
+            raise StoreError(f"{self.path} is open read-only (or closed); open it with mode='a' to write")
+        return self._ds
+
+    def _uncommit(self, video_index: int) -> None:
+        d = self._ds
+        if int(d["status"][video_index]) != PENDING:
+            d["status"][video_index] = PENDING
+            self._file.flush()
+
+    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str, status: int) -> None:
+        d = self._writable()
+        C = self.clips_per_video
+        self._uncommit(video_index)
+        s = video_index * C
+        d["patches"][s : s + C] = patches
+        d["cls"][s : s + C] = cls
+        d["frame_indices"][s : s + C] = frame_indices
+        d["num_frames"][video_index] = int(num_frames)
+        d["fps"][video_index] = float(fps)
+        d["error"][video_index] = error.encode("utf-8")
+        self._file.flush()  # ordering barrier: everything above reaches the file before the commit
+        d["status"][video_index] = status
+        self._file.flush()
+
+    def write_video(
+        self,
+        video_index: int,
+        patches: np.ndarray,
+        cls: np.ndarray,
+        frame_indices: np.ndarray,
+        num_frames: int,
+        fps: float,
+    ) -> None:
+        self._writable()
+        patches, cls, frame_indices = check_video_write(
+            video_index, self.num_videos, patches, cls, frame_indices,
+            self.clips_per_video, self.num_frames, self.num_tokens, self.dim, self.path,
+        )
+        self._write_slots(video_index, patches, cls, frame_indices, num_frames, fps, "", DONE)
+
+    def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
+        self._writable()
+        if not 0 <= video_index < self.num_videos:
+            raise IndexError(f"{self.path}: video index {video_index} out of range, the store has {self.num_videos} videos")
+        # Reset the slots so a store where this video once half-wrote equals one where it never did.
+        self._write_slots(video_index, 0, 0, -1, num_frames, fps, truncate_reason(reason), FAILED)
+
+    def close(self) -> None:
+        self._mm = {}
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

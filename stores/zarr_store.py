@@ -1,0 +1,305 @@
+"""Zarr v3 directory backend (``*.zarr``).
+
+Crash safety rests on one property of zarr 3.1's LocalStore, checked in its source
+(``zarr/storage/_local.py``: ``_atomic_write``): every chunk and metadata document is written
+to ``<key>.<uuid>.partial`` and renamed over the key. A SIGKILL therefore leaves each chunk
+either old or new, never torn, and the commit protocol only needs ordering: a video's clip
+chunks are written (and renamed) before the status chunk that says DONE. A killed writer may
+leave ``*.partial`` files; the next writer removes them when it opens the store.
+
+Reads of patches and cls bypass zarr: their chunks are uncompressed, one clip per chunk, so a
+clip is ``readinto`` straight from its chunk file (see docs/benchmarks.md, "Store reads").
+Stores whose chunks are compressed or laid out differently fall back to zarr indexing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+
+from spool.stores._common import (
+    VIDEO_CHUNK,
+    WriterLock,
+    as_indices,
+    check_schema_attrs,
+    check_video_write,
+    clip_tables,
+    expected_arrays,
+    fill_value,
+    truncate_reason,
+)
+from spool.stores.base import DONE, FAILED, PENDING, ClipTable, FeatureStore, StoreError, VideoTable
+
+LOCK_NAME = ".spool-writer.lock"
+
+
+def read_group_attrs(path: Path) -> dict[str, Any] | None:
+    """The group attributes of a zarr v3 directory, or None if ``path`` is not one."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("node_type") != "group":
+        return None
+    return dict(doc.get("attributes", {}))
+
+
+def _array_kwargs(name: str, spec_shape: tuple[int, ...], clips_per_video: int) -> dict[str, Any]:
+    if name in ("patches", "cls"):
+        # One uncompressed chunk per clip: float16 features barely compress, and raw chunks
+        # let read_patches read a clip with one readinto.
+        return dict(chunks=(1, *spec_shape[1:]), compressors=None)
+    rows = VIDEO_CHUNK * (clips_per_video if name in ("label", "video_index", "view_index", "split", "frame_indices") else 1)
+    return dict(chunks=(min(rows, spec_shape[0]), *spec_shape[1:]))
+
+
+def create_zarr(
+    path: Path,
+    attrs: dict[str, Any],
+    video_ids: list[str],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    overwrite: bool,
+) -> "ZarrFeatureStore":
+    path = Path(path)
+    old_lock = None
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise StoreError(
+                f"{path} already exists; open it with open_store({str(path)!r}, 'a') to resume, "
+                "or pass overwrite=True to replace it"
+            )
+        old = read_group_attrs(path) if path.is_dir() else None
+        if old is None or "schema_version" not in old:
+            raise StoreError(f"refusing to overwrite {path}: it is not a Spool feature store (no schema_version); remove it yourself")
+        old_lock = WriterLock(path / LOCK_NAME, path)  # refuse while another writer is at work
+
+    # Build next to the target and rename into place, so a kill during creation never leaves
+    # a half-made store at ``path``.
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    C, T, L, D = (int(attrs[k]) for k in ("clips_per_video", "num_frames", "num_tokens", "dim"))
+    specs = expected_arrays(len(video_ids), C, T, L, D)
+    static = clip_tables(labels, splits, C)
+    try:
+        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
+        with warnings.catch_warnings():
+            # Variable-length strings have no final zarr v3 spec yet; zarr warns on every use.
+            warnings.simplefilter("ignore")
+            for name, spec in specs.items():
+                dtype = str if spec.dtype == "str" else spec.dtype
+                arr = group.create_array(
+                    name, shape=spec.shape, dtype=dtype, fill_value=fill_value(name), **_array_kwargs(name, spec.shape, C)
+                )
+                if name in static:
+                    arr[:] = static[name]
+                elif name == "video_id":
+                    arr[:] = np.array(video_ids, dtype=object)
+        new_lock = WriterLock(tmp / LOCK_NAME, path)  # flock follows the inode through the rename
+        if old_lock is not None:
+            trash = path.parent / f".{path.name}.deleting-{os.getpid()}"
+            os.rename(path, trash)
+            os.rename(tmp, path)
+            old_lock.release()
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old_lock is not None:
+            old_lock.release()
+        raise
+    return ZarrFeatureStore(path, "a", _lock=new_lock)
+
+
+class ZarrFeatureStore(FeatureStore):
+    def __init__(self, path: str | Path, mode: str = "r", *, _lock: WriterLock | None = None):
+        self.path = Path(path)
+        self.mode = mode
+        if mode not in ("r", "a"):
+            raise StoreError(f"mode must be 'r' (read) or 'a' (append/resume), got {mode!r}")
+        attrs = read_group_attrs(self.path)
+        if attrs is None:
+            raise StoreError(f"{self.path} is not a zarr v3 group (no readable zarr.json); create it with create_store")
+        check_schema_attrs(attrs, self.path)
+        self.attrs = attrs
+        self._lock = _lock
+        if mode == "a" and self._lock is None:
+            self._lock = WriterLock(self.path / LOCK_NAME, self.path)
+        try:
+            if mode == "a":
+                self._remove_partial_files()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._group = zarr.open_group(str(self.path), mode="r+" if mode == "a" else "r", zarr_format=3)
+            self._arrays = self._check_arrays()
+        except BaseException:
+            self.close()
+            raise
+        self._raw = {name: self._raw_chunk_ok(name) for name in ("patches", "cls")}
+
+    # --- opening ----------------------------------------------------------------------------
+    def _check_arrays(self) -> dict[str, zarr.Array]:
+        if "video_id" not in self._group:
+            raise StoreError(f"{self.path}: array 'video_id' is missing; the store is damaged, re-create it")
+        M = self._group["video_id"].shape[0]
+        specs = expected_arrays(M, self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
+        arrays = {}
+        for name, spec in specs.items():
+            if name not in self._group or not isinstance(self._group[name], zarr.Array):
+                raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged, re-create it")
+            arr = self._group[name]
+            ok_dtype = arr.dtype.kind in "TUO" if spec.dtype == "str" else np.dtype(arr.dtype) == np.dtype(spec.dtype)
+            if tuple(arr.shape) != spec.shape or not ok_dtype:
+                raise StoreError(
+                    f"{self.path}: array {name!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
+                    f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
+                )
+            arrays[name] = arr
+        return arrays
+
+    def _raw_chunk_ok(self, name: str) -> bool:
+        """Whether clips of ``name`` can be read straight from their chunk files."""
+        arr = self._arrays[name]
+        codecs = arr.metadata.codecs
+        return (
+            len(codecs) == 1
+            and isinstance(codecs[0], BytesCodec)
+            and codecs[0].endian is not None
+            and codecs[0].endian.value == "little"
+            and tuple(arr.chunks) == (1, *arr.shape[1:])
+            and float(arr.fill_value) == 0.0
+        )
+
+    def _remove_partial_files(self) -> None:
+        # Leftovers of a killed writer's tmp-then-rename chunk writes; never valid data.
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                if f.endswith(".partial"):
+                    os.unlink(os.path.join(root, f))
+
+    # --- shape -------------------------------------------------------------------------------
+    @property
+    def num_videos(self) -> int:
+        return int(self._arrays["video_id"].shape[0])
+
+    # --- reading -----------------------------------------------------------------------------
+    def videos(self) -> VideoTable:
+        a = self._arrays
+        C = self.clips_per_video
+        return VideoTable(
+            video_id=np.asarray(a["video_id"][:]).astype(object),
+            label=a["label"][::C] if C > 1 else a["label"][:],
+            split=a["split"][::C] if C > 1 else a["split"][:],
+            num_frames=a["num_frames"][:],
+            fps=a["fps"][:],
+            status=a["status"][:],
+            error=np.asarray(a["error"][:]).astype(object),
+        )
+
+    def clips(self) -> ClipTable:
+        a = self._arrays
+        status = a["status"][:]
+        return ClipTable(
+            label=a["label"][:],
+            video_index=a["video_index"][:],
+            view_index=a["view_index"][:],
+            split=a["split"][:],
+            frame_indices=a["frame_indices"][:],
+            done=np.repeat(status == DONE, self.clips_per_video),
+        )
+
+    def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        arr = self._arrays[name]
+        idx = as_indices(clip_indices, self.num_clips, self.path)
+        if not self._raw[name]:
+            return np.stack([arr[int(i)] for i in idx]) if idx.size else np.empty((0, *arr.shape[1:]), np.float16)
+        out = np.empty((idx.size, *arr.shape[1:]), dtype="<f2")
+        nbytes = out[0].nbytes if idx.size else 0
+        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+        zeros = (0,) * (arr.ndim - 1)
+        base = self.path / name
+        for k, i in enumerate(idx):
+            chunk = base / encode((int(i), *zeros))
+            try:
+                with open(chunk, "rb", buffering=0) as f:
+                    got = f.readinto(memoryview(out[k]).cast("B"))
+            except FileNotFoundError:
+                out[k] = 0  # zarr drops chunks equal to the fill value
+                continue
+            if got != nbytes:
+                raise StoreError(f"{chunk}: chunk holds {got} bytes, expected {nbytes}; the store is damaged")
+        return out
+
+    def read_patches(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._read_clips("patches", clip_indices)
+
+    def read_cls(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._read_clips("cls", clip_indices)
+
+    # --- writing -----------------------------------------------------------------------------
+    def _writable(self) -> dict[str, zarr.Array]:
+        if self.mode != "a" or self._lock is None:
+            raise StoreError(f"{self.path} is open read-only (or closed); open it with mode='a' to write")
+        return self._arrays
+
+    def _uncommit(self, video_index: int) -> None:
+        # Rewriting a DONE/FAILED video: drop its commit first so a kill midway leaves it PENDING.
+        a = self._arrays
+        if int(a["status"][video_index]) != PENDING:
+            a["status"][video_index] = PENDING
+
+    def write_video(
+        self,
+        video_index: int,
+        patches: np.ndarray,
+        cls: np.ndarray,
+        frame_indices: np.ndarray,
+        num_frames: int,
+        fps: float,
+    ) -> None:
+        a = self._writable()
+        C = self.clips_per_video
+        patches, cls, frame_indices = check_video_write(
+            video_index, self.num_videos, patches, cls, frame_indices, C, self.num_frames, self.num_tokens, self.dim, self.path
+        )
+        self._uncommit(video_index)
+        s = video_index * C
+        a["patches"][s : s + C] = patches
+        a["cls"][s : s + C] = cls
+        a["frame_indices"][s : s + C] = frame_indices
+        a["num_frames"][video_index] = int(num_frames)
+        a["fps"][video_index] = float(fps)
+        a["error"][video_index] = ""
+        a["status"][video_index] = DONE  # the commit: written last, atomically (one renamed chunk)
+
+    def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
+        a = self._writable()
+        if not 0 <= video_index < self.num_videos:
+            raise IndexError(f"{self.path}: video index {video_index} out of range, the store has {self.num_videos} videos")
+        C = self.clips_per_video
+        self._uncommit(video_index)
+        s = video_index * C
+        # Reset the slots so a store where this video once half-wrote equals one where it never did.
+        a["patches"][s : s + C] = 0
+        a["cls"][s : s + C] = 0
+        a["frame_indices"][s : s + C] = -1
+        a["num_frames"][video_index] = int(num_frames)
+        a["fps"][video_index] = float(fps)
+        a["error"][video_index] = truncate_reason(reason)
+        a["status"][video_index] = FAILED
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
