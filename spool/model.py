@@ -1,0 +1,265 @@
+"""The Spool temporal head, top to bottom in the order data flows.
+
+patches (B, T, L, D_in)
+  -> ContextFraming: project to dim, add a temporal embedding, wrap in [C_start, x_1..x_T, C_end]
+  -> depth x BTTBlock: bidirectional temporal attention (lookback + lookahead heads) and an MLP
+  -> ContextPooling: mean over the tokens of the final C_start and C_end, LayerNorm, linear
+  -> logits (B, num_classes)
+
+The attention rule lives in ``spool.mask``; the three backends that compute it in
+``spool.attention``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from spool.attention import ATTENTION, BACKENDS
+from spool.mask import num_frames_total
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    in_dim: int  # D_in of the cached features
+    num_frames: int  # T
+    num_tokens: int  # L (tokens per frame)
+    num_classes: int
+    dim: int | None = None  # head width; None -> in_dim
+    depth: int = 4
+    num_heads: int = 6
+    num_lookahead_heads: int = 3  # lookback = num_heads - lookahead
+    local_frame_range: int = 2  # k
+    context_frames: bool = True  # False = the --no-context ablation
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    backend: str = "auto"  # auto | flex | blocked | dense
+
+    def __post_init__(self):
+        for name in ("in_dim", "num_frames", "num_tokens", "num_classes", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HeadConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"HeadConfig.dim must be >= 1 or None (= in_dim), got {self.dim}")
+        if not 0 <= self.num_lookahead_heads <= self.num_heads:
+            raise ValueError(
+                f"HeadConfig.num_lookahead_heads={self.num_lookahead_heads} must be between 0 and "
+                f"num_heads={self.num_heads} (the other heads look back)"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"head width dim={self.width} is not divisible by num_heads={self.num_heads}; "
+                f"choose dim as a multiple of num_heads"
+            )
+        if self.local_frame_range < 0:
+            raise ValueError(f"HeadConfig.local_frame_range must be >= 0, got {self.local_frame_range}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"HeadConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"HeadConfig.backend={self.backend!r} is unknown; use one of auto, {', '.join(BACKENDS)}")
+
+    @property
+    def num_lookback_heads(self) -> int:
+        return self.num_heads - self.num_lookahead_heads
+
+    @property
+    def width(self) -> int:
+        """The head width actually used: dim, or in_dim when dim is None."""
+        return self.in_dim if self.dim is None else self.dim
+
+
+def resolve_backend(requested: str, device, needs_grad: bool) -> str:
+    """Pick the attention backend for a device. "auto": flex on CUDA, blocked elsewhere.
+
+    flex_attention has no backward on CPU, so training there uses the blocked backend.
+    """
+    device = torch.device(device)
+    if requested == "auto":
+        return "flex" if device.type == "cuda" else "blocked"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; use one of auto, {', '.join(BACKENDS)}")
+    if requested == "flex" and device.type != "cuda" and needs_grad:
+        raise ValueError(
+            f"backend 'flex' cannot train on {device.type}: flex_attention has no backward there "
+            f"(torch {torch.__version__}). Use 'blocked' or 'auto', or build with needs_grad=False for inference."
+        )
+    return requested
+
+
+class ContextFraming(nn.Module):
+    """(B, T, L, D_in) -> (B, F*L, dim): projection, temporal embedding, C_start/C_end frames."""
+
+    def __init__(self, in_dim, dim, num_frames, num_tokens, context_frames):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.time_embed = nn.Parameter(torch.zeros(num_frames, dim))  # one per frame, shared by its L tokens
+        nn.init.trunc_normal_(self.time_embed, std=0.02)
+        if context_frames:
+            # Learned start and end frames, shared over the batch, one vector per token position.
+            self.start = nn.Parameter(torch.zeros(num_tokens, dim))
+            self.end = nn.Parameter(torch.zeros(num_tokens, dim))
+            nn.init.trunc_normal_(self.start, std=0.02)
+            nn.init.trunc_normal_(self.end, std=0.02)
+        self.context_frames = context_frames
+
+    def forward(self, patches):
+        B = patches.shape[0]
+        x = self.proj(patches) + self.time_embed[:, None, :]  # (B, T, L, dim)
+        if self.context_frames:
+            start = self.start.expand(B, 1, -1, -1)  # (B, 1, L, dim)
+            end = self.end.expand(B, 1, -1, -1)
+            x = torch.cat([start, x, end], dim=1)  # (B, T+2, L, dim)
+        return x.flatten(1, 2)  # (B, F*L, dim)
+
+
+class BidirectionalTemporalAttention(nn.Module):
+    """Multi-head attention whose heads look back or ahead in time (rule in spool.mask)."""
+
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        num_lookahead_heads,
+        num_frames,
+        num_tokens,
+        local_frame_range,
+        context_frames,
+        backend,
+        dropout=0.0,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # one fused projection
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.backend = backend
+        self.rule = dict(
+            num_frames=num_frames,
+            num_tokens=num_tokens,
+            local_frame_range=local_frame_range,
+            num_lookahead_heads=num_lookahead_heads,
+            context_frames=context_frames,
+        )
+
+    def forward(self, x):
+        B, S, D = x.shape
+        qkv = self.qkv(x).view(B, S, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, hd)
+        y = ATTENTION[self.backend](q, k, v, **self.rule)  # (B, H, S, hd)
+        y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, dim)
+        return self.dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.act(self.fc1(x))))
+
+
+class BTTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, cfg: HeadConfig, backend: str):
+        super().__init__()
+        dim = cfg.width
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = BidirectionalTemporalAttention(
+            dim,
+            cfg.num_heads,
+            cfg.num_lookahead_heads,
+            cfg.num_frames,
+            cfg.num_tokens,
+            cfg.local_frame_range,
+            cfg.context_frames,
+            backend,
+            cfg.dropout,
+        )
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # (B, S, dim)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class ContextPooling(nn.Module):
+    """(B, F*L, dim) -> logits (B, num_classes).
+
+    With context frames: mean over the L tokens of C_start and of C_end, concatenated (2*dim).
+    Without: mean over all frame tokens (dim).
+    """
+
+    def __init__(self, dim, num_classes, num_frames, num_tokens, context_frames):
+        super().__init__()
+        self.frames = num_frames_total(num_frames, context_frames)
+        self.num_tokens = num_tokens
+        self.context_frames = context_frames
+        pooled = 2 * dim if context_frames else dim
+        self.norm = nn.LayerNorm(pooled)
+        self.classifier = nn.Linear(pooled, num_classes)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.view(B, self.frames, self.num_tokens, D)  # (B, F, L, dim)
+        if self.context_frames:
+            pooled = torch.cat([x[:, 0].mean(1), x[:, -1].mean(1)], dim=-1)  # (B, 2*dim)
+        else:
+            pooled = x.mean(dim=(1, 2))  # (B, dim)
+        return self.classifier(self.norm(pooled))  # (B, num_classes)
+
+
+class SpoolHead(nn.Module):
+    """The temporal head: ``SpoolHead(cfg)(patches (B, T, L, D_in)) -> logits (B, num_classes)``.
+
+    The attention backend is resolved here, once, for ``device`` (default: CUDA when
+    available, else CPU) and the parameters are placed there. ``needs_grad=False`` allows
+    backend="flex" for inference on CPU.
+    """
+
+    def __init__(self, cfg: HeadConfig, device=None, needs_grad: bool = True):
+        super().__init__()
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg = cfg
+        self.backend = resolve_backend(cfg.backend, device, needs_grad)
+        log.info("SpoolHead attention backend: %s (requested %r, device %s)", self.backend, cfg.backend, device)
+        self.framing = ContextFraming(cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
+        self.blocks = nn.ModuleList([BTTBlock(cfg, self.backend) for _ in range(cfg.depth)])
+        self.pool = ContextPooling(cfg.width, cfg.num_classes, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
+        self.apply(_init_weights)
+        self.to(device)
+
+    def forward(self, patches):
+        cfg = self.cfg
+        if patches.ndim != 4 or tuple(patches.shape[1:]) != (cfg.num_frames, cfg.num_tokens, cfg.in_dim):
+            raise ValueError(
+                f"SpoolHead expects patches of shape (B, T={cfg.num_frames}, L={cfg.num_tokens}, "
+                f"D_in={cfg.in_dim}), got {tuple(patches.shape)}; the features and HeadConfig disagree"
+            )
+        x = self.framing(patches)  # (B, F*L, dim)
+        for block in self.blocks:
+            x = block(x)  # (B, F*L, dim)
+        return self.pool(x)  # (B, num_classes)
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init_weights(module):
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
