@@ -1,0 +1,374 @@
+"""From a feature store to training batches: splits, token pooling, and a feature set
+that a grid of training runs can load once and share.
+
+Reading order matters more than anything else here: a clip is one chunk in the store, so
+every read is ``store.read_patches(sorted_clip_indices)`` for a whole batch, and the
+pooled features of the needed clips are kept in RAM (or GPU memory) when they fit, so that
+only the first epoch touches the disk.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+
+from spool.stores.base import NO_SPLIT, SPLIT_CODES, FeatureStore
+
+INPUTS = ("patches", "cls")
+CACHE_MODES = ("auto", "none", "memory", "gpu")
+
+
+class FeatureSetError(RuntimeError):
+    """Features cannot be loaded as asked (too large for the cache, bad pooling, ...)."""
+
+
+# --- splits ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Clip indices (into the store) of each split, and which split evaluation uses.
+
+    ``eval`` is ``val`` when the store has a validation split (or when one was drawn),
+    otherwise ``test``: the store's own test split is never drawn from for model selection
+    unless it is the only held-out split the store gives.
+    """
+
+    train: np.ndarray  # (n_train,) int64, sorted
+    val: np.ndarray  # (n_val,) int64, sorted
+    test: np.ndarray  # (n_test,) int64, sorted
+    eval_split: str  # "val" or "test"
+    source: str  # "store" (the store's own split codes) or "drawn" (grouped stratified split)
+
+    @property
+    def eval(self) -> np.ndarray:
+        return self.val if self.eval_split == "val" else self.test
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "eval_split": self.eval_split,
+            "train": int(len(self.train)),
+            "val": int(len(self.val)),
+            "test": int(len(self.test)),
+        }
+
+
+def assign_splits(
+    split: np.ndarray,
+    video_index: np.ndarray,
+    label: np.ndarray,
+    done: np.ndarray,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Splits:
+    """Train / val / test clip indices from the per-clip columns of a store's ClipTable.
+
+    Only clips whose video is DONE count. When any done clip carries a split code, the
+    store's split is used as is (clips without a code are left out). Otherwise videos are
+    drawn into val with scikit-learn's StratifiedGroupKFold (groups = videos, so no video
+    lands in two splits; stratified by class; seeded), taking one fold of
+    ``round(1 / val_fraction)`` as val.
+    """
+    split = np.asarray(split)
+    video_index = np.asarray(video_index)
+    label = np.asarray(label)
+    done = np.asarray(done, dtype=bool)
+    usable = np.flatnonzero(done)
+    if len(usable) == 0:
+        raise FeatureSetError("the store has no finished (DONE) videos; run `spool extract` first")
+
+    if np.any(split[usable] != NO_SPLIT):
+        parts = {
+            name: usable[split[usable] == code].astype(np.int64) for name, code in SPLIT_CODES.items()
+        }
+        if len(parts["train"]) == 0:
+            raise FeatureSetError("the store's split codes give no training clips (split == train)")
+        if len(parts["val"]) == 0 and len(parts["test"]) == 0:
+            raise FeatureSetError("the store's split codes give no val or test clips to evaluate on")
+        eval_split = "val" if len(parts["val"]) else "test"
+        return Splits(parts["train"], parts["val"], parts["test"], eval_split, "store")
+
+    if not 0.0 < val_fraction < 1.0:
+        raise FeatureSetError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_splits = max(2, int(round(1.0 / val_fraction)))
+    groups = video_index[usable]
+    num_videos = len(np.unique(groups))
+    if num_videos < n_splits:
+        raise FeatureSetError(
+            f"a val split of {val_fraction:.0%} needs at least {n_splits} finished videos, "
+            f"the store has {num_videos}; extract more videos or raise val_fraction"
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_pos, val_pos = next(folds.split(usable, label[usable], groups))
+    empty = np.zeros(0, dtype=np.int64)
+    return Splits(
+        np.sort(usable[train_pos]).astype(np.int64),
+        np.sort(usable[val_pos]).astype(np.int64),
+        empty,
+        "val",
+        "drawn",
+    )
+
+
+# --- token pooling ----------------------------------------------------------------------
+
+
+def pooled_num_tokens(num_tokens: int, token_pool: int) -> int:
+    """L' = (g / P)^2 for an L = g x g patch grid; raises when the pooling does not tile it."""
+    g = int(round(num_tokens**0.5))
+    if g * g != num_tokens:
+        raise FeatureSetError(f"token_pool needs a square patch grid, but L = {num_tokens} is not a square")
+    if token_pool < 1 or g % token_pool:
+        raise FeatureSetError(
+            f"token_pool = {token_pool} must divide the patch grid side {g} (L = {num_tokens} = {g}x{g})"
+        )
+    return (g // token_pool) ** 2
+
+
+def pool_tokens(patches: np.ndarray, token_pool: int) -> np.ndarray:
+    """Average P x P neighbouring patches: (..., L, D) -> (..., L / P^2, D), same dtype.
+
+    Tokens are laid out row-major on the g x g grid (as a ViT emits them); the mean is taken
+    in float32 so that float16 features do not lose precision in the sum.
+    """
+    if token_pool == 1:
+        return patches
+    *lead, L, D = patches.shape
+    pooled_num_tokens(L, token_pool)
+    g, P = int(round(L**0.5)), token_pool
+    x = patches.astype(np.float32).reshape(*lead, g // P, P, g // P, P, D)
+    x = x.mean(axis=(-4, -2))  # (..., g/P, g/P, D)
+    return x.reshape(*lead, (g // P) ** 2, D).astype(patches.dtype)
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# --- feature set ------------------------------------------------------------------------
+
+
+class FeatureSet:
+    """The (pooled) features of a fixed set of clips of one store, ready to batch.
+
+    Build it once and hand it to many ``train_head`` calls (an ablation grid does this):
+    with ``cache="memory"`` or ``"gpu"`` the store is read once, here, and every later
+    epoch of every run only indexes arrays. ``cache="none"`` reads each batch from the
+    store (one sorted ``read_patches`` call per batch) on ``workers`` background threads;
+    ``cache="auto"`` picks "memory" when the features take at most half of the available
+    RAM and "none" otherwise, and says which in ``cache_reason``.
+
+    ``inputs`` names what the heads need: ``("patches",)``, ``("cls",)`` or both; a
+    mean-linear head never reads patches.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        clip_indices: Sequence[int] | np.ndarray,
+        *,
+        token_pool: int = 1,
+        inputs: Sequence[str] = ("patches",),
+        cache: str = "auto",
+        device: str | torch.device = "cpu",
+        workers: int = 2,
+        read_batch: int = 32,
+    ):
+        unknown = set(inputs) - set(INPUTS)
+        if unknown or not inputs:
+            raise FeatureSetError(f"inputs must be a non-empty subset of {INPUTS}, got {tuple(inputs)}")
+        if cache not in CACHE_MODES:
+            raise FeatureSetError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.store = store
+        self.fingerprint = store.attrs.get("fingerprint")
+        self.store_path = str(store.path)
+        self.clip_indices = np.unique(np.asarray(clip_indices, dtype=np.int64))  # sorted
+        table = store.clips()
+        if len(self.clip_indices) and not table.done[self.clip_indices].all():
+            raise FeatureSetError(f"{store.path}: some requested clips belong to videos that are not DONE")
+        self.labels = table.label[self.clip_indices].astype(np.int64)
+        self.video_index = table.video_index[self.clip_indices].astype(np.int64)
+        self.num_classes = len(store.class_names)
+        self.class_names = store.class_names
+        self.token_pool = int(token_pool)
+        self.inputs = tuple(i for i in INPUTS if i in inputs)
+        self.num_frames = store.num_frames
+        self.num_tokens = pooled_num_tokens(store.num_tokens, self.token_pool) if "patches" in self.inputs else 0
+        self.dim = store.dim
+        self.workers = max(1, int(workers))
+        self.read_batch = int(read_batch)
+        self.device = torch.device(device)
+
+        self.cache, self.cache_reason = self._resolve_cache(cache)
+        self._arrays: dict[str, np.ndarray | torch.Tensor] = {}
+        if self.cache in ("memory", "gpu"):
+            self._load_all()
+
+    # -- sizes and cache choice --
+    @property
+    def clip_nbytes(self) -> int:
+        """Bytes of one clip's features as kept in the cache (float16)."""
+        n = 0
+        if "patches" in self.inputs:
+            n += self.num_frames * self.num_tokens * self.dim * 2
+        if "cls" in self.inputs:
+            n += self.num_frames * self.dim * 2
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.clip_nbytes * len(self.clip_indices)
+
+    def _resolve_cache(self, cache: str) -> tuple[str, str]:
+        need = self.nbytes
+        if cache == "gpu":
+            if self.device.type != "cuda" or not torch.cuda.is_available():
+                raise FeatureSetError(f"cache='gpu' needs a CUDA device, got device={self.device}")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                raise FeatureSetError(
+                    f"cache='gpu': the features need {_gib(need)} but the GPU has {_gib(free)} free "
+                    f"(limit 80%); use cache='memory', a larger token_pool, or fewer clips"
+                )
+            return "gpu", f"{_gib(need)} on {self.device} ({_gib(free)} free)"
+        if cache == "none":
+            return "none", "reading from the store every epoch (cache='none')"
+        avail = available_memory_bytes()
+        if cache == "memory":
+            if need > 0.9 * avail:
+                raise FeatureSetError(
+                    f"cache='memory': the features need {_gib(need)} but only {_gib(avail)} of RAM is "
+                    f"available (limit 90%); use cache='none', a larger token_pool, or fewer clips"
+                )
+            return "memory", f"{_gib(need)} in RAM ({_gib(avail)} available)"
+        if need <= 0.5 * avail:
+            return "memory", f"auto: {_gib(need)} fits in RAM ({_gib(avail)} available)"
+        return "none", f"auto: {_gib(need)} is more than half of the {_gib(avail)} available RAM; reading per batch"
+
+    # -- reading --
+    def _read(self, clips: np.ndarray) -> dict[str, np.ndarray]:
+        """One sorted read per input for the given (sorted) store clip indices."""
+        out = {}
+        if "patches" in self.inputs:
+            out["patches"] = pool_tokens(self.store.read_patches(clips), self.token_pool)
+        if "cls" in self.inputs:
+            out["cls"] = self.store.read_cls(clips)
+        return out
+
+    def _chunks(self, positions_list: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Read each list of positions in order, up to ``workers`` reads in flight."""
+        if self.workers == 1:
+            for pos in positions_list:
+                yield self._read(self.clip_indices[pos])
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending = []
+            for pos in positions_list:
+                pending.append(pool.submit(self._read, self.clip_indices[pos]))
+                if len(pending) > self.workers:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+
+    def _load_all(self) -> None:
+        n = len(self.clip_indices)
+        shapes = {
+            "patches": (n, self.num_frames, self.num_tokens, self.dim),
+            "cls": (n, self.num_frames, self.dim),
+        }
+        arrays = {k: np.empty(shapes[k], dtype=np.float16) for k in self.inputs}
+        chunks = [np.arange(s, min(s + self.read_batch, n)) for s in range(0, n, self.read_batch)]
+        for pos, data in zip(chunks, self._chunks(chunks)):
+            for k in self.inputs:
+                arrays[k][pos[0] : pos[-1] + 1] = data[k]
+        if self.cache == "gpu":
+            self._arrays = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        else:
+            self._arrays = arrays
+
+    def positions(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions in this set of the given store clip indices (all must be in the set)."""
+        clip_indices = np.asarray(clip_indices, dtype=np.int64)
+        pos = np.searchsorted(self.clip_indices, clip_indices)
+        pos = np.minimum(pos, len(self.clip_indices) - 1)
+        if len(clip_indices) and (len(self.clip_indices) == 0 or np.any(self.clip_indices[pos] != clip_indices)):
+            raise FeatureSetError("some requested clips were not loaded into this feature set")
+        return pos
+
+    def batches(
+        self,
+        clip_indices: Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        device: str | torch.device = "cpu",
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of the given clips as tensors on ``device``.
+
+        Each batch is a dict with ``label``, ``clip`` and ``video`` (int64, (B,)) and the
+        inputs of this set: ``patches`` (B, T, L', D) and/or ``cls`` (B, T, D), float16.
+        Shuffling is a function of (seed, epoch) alone, so a resumed run sees the same
+        batches. Clips inside a batch are in store order (one sorted read per batch).
+        """
+        pos = self.positions(clip_indices)
+        if shuffle:
+            pos = pos[np.random.default_rng([seed, epoch]).permutation(len(pos))]
+        stop = len(pos) - (len(pos) % batch_size if drop_last else 0)
+        groups = [np.sort(pos[s : min(s + batch_size, stop)]) for s in range(0, stop, batch_size)]
+        device = torch.device(device)
+        if self.cache == "none":
+            source = self._chunks(groups)
+        else:
+            source = (self._take(g) for g in groups)
+        for g, data in zip(groups, source):
+            batch = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in data.items()}
+            batch["label"] = torch.from_numpy(self.labels[g]).to(device)
+            batch["clip"] = torch.from_numpy(self.clip_indices[g])
+            batch["video"] = torch.from_numpy(self.video_index[g])
+            yield batch
+
+    def _take(self, pos: np.ndarray) -> dict[str, np.ndarray | torch.Tensor]:
+        if self.cache == "gpu":
+            idx = torch.from_numpy(pos).to(self.device)
+            return {k: v.index_select(0, idx) for k, v in self._arrays.items()}
+        return {k: v[pos] for k, v in self._arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.clip_indices)
+
+    def describe(self) -> dict:
+        return {
+            "clips": len(self),
+            "inputs": list(self.inputs),
+            "token_pool": self.token_pool,
+            "num_tokens": self.num_tokens,
+            "cache": self.cache,
+            "cache_reason": self.cache_reason,
+            "nbytes": self.nbytes,
+        }
