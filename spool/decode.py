@@ -1,0 +1,332 @@
+"""Decode the sampled frames of a video, resized and centre-cropped, with decord or PyAV.
+
+``read_video`` counts a video's frames, picks the clip frame numbers with
+``spool.sampling.clip_frame_indices`` and decodes only those frames, shrinking each
+one as soon as it is decoded, so a long 4K file never holds more than the sampled,
+already-small frames in memory. Both decoders go through the same resize
+(``resize_center_crop``: PIL bilinear with antialiasing), so they return the same
+pixels on ordinary files (both convert YUV to RGB with FFmpeg's swscale).
+
+Frame numbers are positions in presentation order, counted from 0. A container that
+claims more frames than it decodes fails with ``DecodeError("truncated: ...")`` as
+soon as a sampled frame turns out to be missing; it is never padded silently.
+
+``DecodePool`` runs ``read_video`` in worker processes with a per-video time limit,
+because a decoder can hang or crash in native code, which no ``try`` can catch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from spool.sampling import clip_frame_indices, is_short
+
+DECODERS = ("decord", "pyav")
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    frames: np.ndarray  # (clips, T, size, size, 3) uint8 RGB
+    frame_indices: np.ndarray  # (clips, T) int64
+    num_frames: int
+    fps: float
+    decoder: str  # the decoder that produced the frames ("pyav" after a decord fallback)
+    short: bool  # fewer frames than one clip needs: frames repeat (see spool.sampling)
+
+
+class DecodeError(Exception):
+    """A video that cannot be decoded; ``str(err)`` is a one-line reason fit for a failure table."""
+
+
+def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: shorter side to ``size`` (bilinear, antialiased), then centre crop."""
+    h, w = frame.shape[:2]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        # max(size, ...) so rounding never leaves the shorter side one pixel short
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        # PIL's BILINEAR widens its kernel when shrinking (antialiasing), as torchvision's
+        # resize(antialias=True) does; one implementation serves both decoders.
+        frame = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        frame = frame[top : top + size, left : left + size]
+    return np.ascontiguousarray(frame)
+
+
+def _check_file(path: Path) -> None:
+    # Checked before any decoder sees the file: decord reports all of these as a bare
+    # "Error reading", and an empty file is one of the inputs native decoders mishandle.
+    if not path.exists():
+        raise DecodeError(f"missing file: {path}")
+    if not path.is_file():
+        raise DecodeError(f"not a file (a directory?): {path}")
+    if path.stat().st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _assemble(decoded: dict[int, np.ndarray], indices: np.ndarray, size: int) -> np.ndarray:
+    """(clips, T, size, size, 3) from the unique decoded frames; repeated indices share a frame."""
+    out = np.empty((*indices.shape, size, size, 3), np.uint8)
+    for pos, idx in np.ndenumerate(indices):
+        out[pos] = decoded[int(idx)]
+    return out
+
+
+def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: int) -> DecodedVideo:
+    import decord  # imported here so PyAV-only installs (decord has no aarch64 wheel) still work
+
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    n = len(vr)
+    if n <= 0:
+        raise DecodeError("zero frames")
+    indices = clip_frame_indices(n, frames=frames, clips=clips, stride=stride)
+    wanted = np.unique(indices).tolist()
+    decoded: dict[int, np.ndarray] = {}
+    # Small batches: get_batch returns full-resolution frames, so shrink them before
+    # asking for more (a 4K frame is 25 MB).
+    for start in range(0, len(wanted), 8):
+        chunk = wanted[start : start + 8]
+        batch = vr.get_batch(chunk).asnumpy()
+        for idx, frame in zip(chunk, batch):
+            decoded[idx] = resize_center_crop(frame, size)
+    return DecodedVideo(_assemble(decoded, indices, size), indices, n, float(vr.get_avg_fps()), "decord", is_short(n, frames, stride))
+
+
+def _count_frames_pyav(container: Any, stream: Any) -> int:
+    if stream.frames > 0:  # from the container index (MP4 stts); exact for MP4/MOV
+        return int(stream.frames)
+    # MKV/WebM/AVI often carry no count: demux (no decoding) and count the video packets,
+    # which is also how decord counts.
+    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    container.seek(0)
+    return count
+
+
+def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, size: int) -> DecodedVideo:
+    import av
+
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as err:
+        raise DecodeError(f"not a video: {_one_line(err)}") from err
+    with container:
+        if not container.streams.video:
+            raise DecodeError("not a video: no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        n = _count_frames_pyav(container, stream)
+        if n <= 0:
+            raise DecodeError("zero frames")
+        indices = clip_frame_indices(n, frames=frames, clips=clips, stride=stride)
+        wanted = set(np.unique(indices).tolist())
+        last = max(wanted)
+        stream.thread_type = "AUTO"
+        decoded: dict[int, np.ndarray] = {}
+        count = 0
+        # Sequential decode: exact frame numbers without trusting seek accuracy. Only the
+        # sampled frames are converted to RGB and kept; decoding stops after the last one.
+        try:
+            for count, frame in enumerate(container.decode(stream), start=1):
+                idx = count - 1
+                if idx in wanted:
+                    decoded[idx] = resize_center_crop(frame.to_ndarray(format="rgb24"), size)
+                if idx >= last:
+                    break
+        except av.FFmpegError as err:
+            raise DecodeError(f"truncated or corrupt: decoded {count} of {n} frames, then {_one_line(err)}") from err
+    if len(decoded) < len(wanted):
+        raise DecodeError(f"truncated: decoded {count} of {n} frames")
+    return DecodedVideo(_assemble(decoded, indices, size), indices, n, fps, "pyav", is_short(n, frames, stride))
+
+
+def read_video(path: Path | str, *, frames: int, clips: int = 1, stride: int | None = None, size: int = 224, decoder: str = "decord") -> DecodedVideo:
+    """Decode the sampled frames of one video; raise DecodeError with a one-line reason if it cannot.
+
+    ``decoder="decord"`` falls back to PyAV when decord raises; ``"pyav"`` uses PyAV only.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r} (--decoder); expected one of {DECODERS}")
+    path = Path(path)
+    _check_file(path)
+    if decoder == "decord":
+        try:
+            return _read_decord(path, frames, clips, stride, size)
+        except DecodeError as err:
+            decord_reason = str(err)
+        except Exception as err:  # decord raises bare RuntimeErrors/DECORDErrors for bad data
+            decord_reason = _one_line(err)
+        try:
+            return _read_pyav(path, frames, clips, stride, size)
+        except Exception as err:
+            raise DecodeError(f"decord: {decord_reason}; pyav: {_one_line(err)}") from err
+    try:
+        return _read_pyav(path, frames, clips, stride, size)
+    except DecodeError:
+        raise
+    except Exception as err:
+        raise DecodeError(f"pyav: {_one_line(err)}") from err
+
+
+# ----------------------------------------------------------------------------- pool
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, read_fn: Callable[..., DecodedVideo], kwargs: dict[str, Any]) -> None:
+    """Worker process: decode jobs from ``conn`` one at a time until it receives None."""
+    conn.send(("ready", None, None))
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        key, path = job
+        try:
+            result: DecodedVideo | DecodeError = read_fn(path, **kwargs)
+        except DecodeError as err:
+            result = err
+        except Exception as err:  # the boundary where a bad video is recorded and skipped
+            result = DecodeError(f"unexpected {type(err).__name__}: {_one_line(err)}")
+        conn.send(("done", key, result))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, read_fn: Callable[..., DecodedVideo], kwargs: dict[str, Any]):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, read_fn, kwargs), daemon=True)
+        self.process.start()
+        child.close()
+        self.ready = False
+        self.job: tuple[Hashable, Path] | None = None
+        self.deadline = float("inf")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class DecodePool:
+    """Decode videos in worker processes, each video with a time limit.
+
+    ``DecodePool(num_workers, timeout_s, frames=16, size=224, ...)`` passes the remaining
+    keyword arguments to ``read_fn`` (``read_video`` unless given; it must be a
+    top-level, picklable function). Each worker holds one video at a time, so at most
+    ``num_workers`` videos are decoding and at most ``num_workers`` results wait to be
+    consumed. A worker that runs past ``timeout_s`` on one video is killed and replaced
+    (result ``DecodeError("timed out after ...")``); one that dies yields
+    ``DecodeError("decoder crashed ...")`` and is replaced. ``num_workers=0`` decodes
+    inline, without a time limit, and lets unexpected exceptions through for debugging.
+    """
+
+    def __init__(self, num_workers: int, timeout_s: float, *, read_fn: Callable[..., DecodedVideo] = read_video, mp_context: str = "spawn", **read_kwargs: Any):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (--workers), got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive (--decode-timeout), got {timeout_s}")
+        self.num_workers, self.timeout_s = num_workers, timeout_s
+        self.read_fn, self.read_kwargs = read_fn, read_kwargs
+        # spawn (not fork): a forked copy of a process that has started torch's thread
+        # pools can deadlock; spawn starts clean workers that import only what decoding needs.
+        self._ctx = mp.get_context(mp_context)
+        self._workers: list[_Worker] = []
+
+    def __enter__(self) -> DecodePool:
+        self._workers = [self._start_worker() for _ in range(self.num_workers)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start_worker(self) -> _Worker:
+        return _Worker(self._ctx, self.read_fn, self.read_kwargs)
+
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        for worker in self._workers:
+            worker.process.join(2)
+            if worker.process.is_alive():
+                worker.kill()
+            else:
+                worker.conn.close()
+        self._workers = []
+
+    def imap_unordered(self, jobs: Iterable[tuple[Hashable, Path]]) -> Iterator[tuple[Hashable, DecodedVideo | DecodeError]]:
+        """Yield ``(key, DecodedVideo or DecodeError)`` once per job, in completion order."""
+        if self.num_workers == 0:
+            for key, path in jobs:
+                try:
+                    yield key, self.read_fn(path, **self.read_kwargs)
+                except DecodeError as err:
+                    yield key, err
+            return
+        if not self._workers:
+            raise RuntimeError("DecodePool.imap_unordered with workers must run inside `with DecodePool(...) as pool:`")
+        pending = iter(jobs)
+        exhausted = False
+        queue: deque[tuple[Hashable, Path]] = deque()
+        while True:
+            # hand a job to every idle, ready worker
+            for worker in self._workers:
+                if worker.ready and worker.job is None:
+                    if not queue and not exhausted:
+                        nxt = next(pending, None)
+                        if nxt is None:
+                            exhausted = True
+                        else:
+                            queue.append(nxt)
+                    if queue:
+                        worker.job = queue.popleft()
+                        worker.conn.send(worker.job)
+                        worker.deadline = time.monotonic() + self.timeout_s
+            if exhausted and not queue and all(w.job is None for w in self._workers):
+                return
+            now = time.monotonic()
+            wait_s = max(0.0, min(w.deadline for w in self._workers) - now)
+            handles = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
+            ready = set(mp.connection.wait(handles, timeout=min(wait_s, 60.0)))
+            for i, worker in enumerate(list(self._workers)):
+                kind = None
+                if worker.conn in ready:
+                    try:
+                        kind, key, result = worker.conn.recv()
+                    except (EOFError, OSError):
+                        kind = "dead"
+                    if kind == "ready":
+                        worker.ready = True
+                        continue
+                    if kind == "done":
+                        worker.job, worker.deadline = None, float("inf")
+                        yield key, result
+                        continue
+                if kind == "dead" or worker.process.sentinel in ready or not worker.process.is_alive():
+                    worker.process.join(5)
+                    code = worker.process.exitcode
+                    if not worker.ready:
+                        raise RuntimeError(f"a decode worker exited with code {code} before it started; run with --workers 0 to see the error in this process")
+                    job = worker.job
+                    worker.kill()
+                    self._workers[i] = self._start_worker()
+                    if job is not None:
+                        yield job[0], DecodeError(f"decoder crashed (worker exit code {code})")
+                    continue
+                if worker.job is not None and time.monotonic() > worker.deadline:
+                    key = worker.job[0]
+                    worker.kill()
+                    self._workers[i] = self._start_worker()
+                    yield key, DecodeError(f"timed out after {self.timeout_s:g}s")

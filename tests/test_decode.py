@@ -1,0 +1,197 @@
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import coded_frames, read_frame_code
+
+from spool.decode import DecodedVideo, DecodeError, DecodePool, read_video, resize_center_crop
+from spool.sampling import clip_frame_indices
+from spool.toy import write_video
+
+# ------------------------------------------------------------------ resize_center_crop
+
+
+def test_resize_center_crop_keeps_the_centre_of_a_landscape_frame():
+    frame = np.zeros((40, 120, 3), np.uint8)
+    frame[:, :40] = (255, 0, 0)
+    frame[:, 40:80] = (0, 255, 0)
+    frame[:, 80:] = (0, 0, 255)
+    out = resize_center_crop(frame, 20)
+    assert out.shape == (20, 20, 3) and out.dtype == np.uint8
+    # shorter side 40 -> 20, width 120 -> 60, centre crop = the green third
+    np.testing.assert_array_equal(out[:, 2:-2], np.broadcast_to(np.array([0, 255, 0], np.uint8), (20, 16, 3)))
+
+
+def test_resize_center_crop_portrait_and_upscale():
+    frame = np.zeros((30, 10, 3), np.uint8)
+    frame[10:20] = 200
+    out = resize_center_crop(frame, 32)  # upscales: shorter side 10 -> 32, height 96, crop rows 32..64
+    assert out.shape == (32, 32, 3)
+    assert (out[4:-4] == 200).all()
+
+
+def test_resize_center_crop_antialiases_when_shrinking():
+    # A 1-pixel checkerboard averaged down must come out grey, not aliased stripes.
+    frame = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    out = resize_center_crop(frame, 16)
+    assert abs(out.astype(float).mean() - 127.5) < 3 and out.std() < 10
+
+
+def test_resize_center_crop_is_identity_at_size():
+    frame = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_center_crop(frame, 24), frame)
+
+
+# ------------------------------------------------------------------ read_video
+
+
+SAMPLINGS = [dict(frames=8, clips=1, stride=None), dict(frames=8, clips=3, stride=None), dict(frames=6, clips=2, stride=3)]
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_decodes_exactly_the_sampled_frames(tiny_mp4, decoder, sampling):
+    video = read_video(tiny_mp4(40), size=32, decoder=decoder, **sampling)
+    assert video.decoder == decoder and video.num_frames == 40 and video.fps == pytest.approx(25.0)
+    expected = clip_frame_indices(40, **sampling)
+    np.testing.assert_array_equal(video.frame_indices, expected)
+    assert video.frames.shape == (sampling["clips"], sampling["frames"], 32, 32, 3) and video.frames.dtype == np.uint8
+    codes = np.vectorize(lambda c, t: read_frame_code(video.frames[c, t]))(*np.indices(expected.shape))
+    np.testing.assert_array_equal(codes, expected)
+    assert not video.short
+
+
+@pytest.mark.parametrize(("frames", "size"), [(40, (48, 64)), (25, (64, 48)), (17, 32)])
+def test_decord_and_pyav_agree(tiny_mp4, frames, size):
+    path = tiny_mp4(frames, size, lossless=False)
+    a = read_video(path, frames=8, clips=2, size=24, decoder="decord")
+    b = read_video(path, frames=8, clips=2, size=24, decoder="pyav")
+    np.testing.assert_array_equal(a.frame_indices, b.frame_indices)
+    assert a.num_frames == b.num_frames == frames
+    # Both decoders convert YUV->RGB with FFmpeg's swscale and share resize_center_crop;
+    # measured difference on these files: 0. Allow 1 grey level for a different swscale build.
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_short_video_repeats_frames(tiny_mp4, decoder):
+    video = read_video(tiny_mp4(5), frames=8, stride=2, size=16, decoder=decoder)
+    assert video.short and video.num_frames == 5
+    np.testing.assert_array_equal(video.frame_indices, clip_frame_indices(5, frames=8, stride=2))
+    codes = [read_frame_code(f) for f in video.frames[0]]
+    assert codes == video.frame_indices[0].tolist()
+    assert codes[0] == codes[1] == 0  # repeated edge frame, decoded once, copied
+    np.testing.assert_array_equal(video.frames[0, 0], video.frames[0, 1])
+
+
+@pytest.mark.parametrize(("codec", "ext"), [("libx264", "mkv"), ("mpeg4", "avi"), ("libvpx-vp9", "webm")])
+def test_containers_without_a_frame_count(tiny_mp4, codec, ext):
+    path = tiny_mp4(20, 32, codec=codec, ext=ext)
+    a = read_video(path, frames=4, size=16, decoder="decord")
+    b = read_video(path, frames=4, size=16, decoder="pyav")
+    assert a.num_frames == b.num_frames == 20
+    if codec != "mpeg4":  # no lossless mode: frame codes are not exact
+        assert [read_frame_code(f) for f in b.frames[0]] == b.frame_indices[0].tolist()
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
+
+
+def _truncated_copy(src, dst, fraction):
+    # faststart puts the index first, so the container still claims every frame
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def broken_files(tmp_path_factory, tiny_mp4):
+    d = tmp_path_factory.mktemp("broken")
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "random.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (d / "folder.mp4").mkdir()
+    faststart = write_video(d / "faststart.mp4", coded_frames(40, 48, 64), container_options={"movflags": "faststart"})
+    _truncated_copy(faststart, d / "truncated.mp4", 0.7)
+    return d
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("missing.mp4", "missing file"),
+        ("folder.mp4", "not a file"),
+        ("empty.mp4", "empty file"),
+        ("random.mp4", "not a video"),
+        ("truncated.mp4", "of 40 frames"),
+    ],
+)
+def test_broken_files_raise_decode_error(broken_files, decoder, name, reason):
+    with pytest.raises(DecodeError, match=reason) as info:
+        read_video(broken_files / name, frames=8, size=16, decoder=decoder)
+    assert "\n" not in str(info.value)
+    if decoder == "decord" and name in ("random.mp4", "truncated.mp4"):
+        assert "decord:" in str(info.value) and "pyav:" in str(info.value)  # both reasons
+
+
+def test_unknown_decoder_names_the_option(tiny_mp4):
+    with pytest.raises(ValueError, match="--decoder"):
+        read_video(tiny_mp4(), frames=4, decoder="opencv")
+
+
+# ------------------------------------------------------------------ DecodePool
+
+# read_fn hooks: top-level so spawned workers can unpickle them
+
+
+def hang_or_crash(path, **kwargs):
+    name = os.path.basename(str(path))
+    if name.startswith("hang"):
+        time.sleep(60)
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read_video(path, **kwargs)
+
+
+def test_pool_returns_every_job_once(tiny_mp4, broken_files):
+    good = tiny_mp4(40)
+    jobs = [(i, good) for i in range(7)] + [("bad", broken_files / "random.mp4"), ("missing", broken_files / "missing.mp4")]
+    with DecodePool(2, timeout_s=30, frames=4, size=16) as pool:
+        results = dict(pool.imap_unordered(jobs))
+    assert sorted(map(str, results)) == sorted(str(k) for k, _ in jobs)
+    for i in range(7):
+        assert isinstance(results[i], DecodedVideo) and results[i].frames.shape == (1, 4, 16, 16, 3)
+    assert isinstance(results["bad"], DecodeError) and "not a video" in str(results["bad"])
+    assert isinstance(results["missing"], DecodeError) and "missing file" in str(results["missing"])
+    inline = dict(DecodePool(0, timeout_s=30, frames=4, size=16).imap_unordered(jobs))
+    np.testing.assert_array_equal(inline[3].frames, results[3].frames)
+    assert str(inline["bad"]) == str(results["bad"])
+
+
+def test_pool_times_out_hung_and_survives_crashed_workers(tiny_mp4, tmp_path):
+    good = tiny_mp4(40)
+    jobs = [("hang", tmp_path / "hang.mp4"), ("crash", tmp_path / "crash.mp4")] + [(i, good) for i in range(4)]
+    start = time.monotonic()
+    with DecodePool(2, timeout_s=1.5, read_fn=hang_or_crash, frames=4, size=16) as pool:
+        results = dict(pool.imap_unordered(jobs))
+    assert time.monotonic() - start < 15
+    assert set(results) == {"hang", "crash", 0, 1, 2, 3}
+    assert str(results["hang"]) == "timed out after 1.5s"
+    assert isinstance(results["crash"], DecodeError) and str(results["crash"]).startswith("decoder crashed")
+    assert all(isinstance(results[i], DecodedVideo) for i in range(4))
+
+
+def test_pool_keeps_few_videos_in_flight(tiny_mp4):
+    pulled = []
+
+    def jobs():
+        for i in range(20):
+            pulled.append(i)
+            yield i, tiny_mp4(40)
+
+    with DecodePool(2, timeout_s=30, frames=2, size=16) as pool:
+        stream = pool.imap_unordered(jobs())
+        next(stream)
+        assert len(pulled) <= 2 * 2 + 1  # bounded memory: the job list is not read ahead
+        assert len(list(stream)) == 19
