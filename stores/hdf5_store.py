@@ -112,7 +112,7 @@ def create_hdf5(
         static["video_id"] = np.array(video_ids, dtype=object)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", locking=False) as f:
                 for k, v in attrs.items():
                     f.attrs[k] = json.dumps(v)
                 for name, spec in specs.items():
@@ -139,8 +139,9 @@ class HDF5FeatureStore(FeatureStore):
             if mode == "a" and self._lock is None:
                 self._lock = WriterLock(lock_path(self.path), self.path)
             try:
-                # Readers skip HDF5's own file lock so they can read while `spool extract` writes.
-                self._file = h5py.File(self.path, "r+" if mode == "a" else "r", locking=mode == "a")
+                # HDF5's own file lock is off: writers are serialised by our lock file, and readers
+                # must be able to open while `spool extract` writes (and within the same process).
+                self._file = h5py.File(self.path, "r+" if mode == "a" else "r", locking=False)
             except OSError as e:
                 raise StoreError(f"{self.path} cannot be opened as HDF5 ({e}); create it with create_store") from None
             try:
