@@ -1,0 +1,149 @@
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from spool.model import HeadConfig, SpoolHead, resolve_backend
+
+TINY = HeadConfig(in_dim=12, num_frames=4, num_tokens=3, num_classes=5, dim=24, depth=2, num_heads=4,
+                  num_lookahead_heads=2, local_frame_range=1)
+
+
+def tiny(**overrides):
+    return dataclasses.replace(TINY, **overrides)
+
+
+def patches(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, cfg.num_frames, cfg.num_tokens, cfg.in_dim, generator=g)
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_forward_shape_and_gradients_reach_every_parameter(context):
+    cfg = tiny(context_frames=context)
+    model = SpoolHead(cfg, device="cpu")
+    logits = model(patches(cfg, batch=3))
+    assert logits.shape == (3, cfg.num_classes)
+    logits.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_no_context_variant_has_no_context_frames_and_narrower_pooling():
+    with_ctx = SpoolHead(tiny(), device="cpu")
+    without = SpoolHead(tiny(context_frames=False), device="cpu")
+    names = {n for n, _ in without.named_parameters()}
+    assert "framing.start" not in names and "framing.end" not in names
+    assert with_ctx.pool.classifier.in_features == 2 * 24
+    assert without.pool.classifier.in_features == 24
+
+
+def test_dim_defaults_to_in_dim():
+    cfg = tiny(dim=None, in_dim=8)
+    assert cfg.width == 8
+    assert SpoolHead(cfg, device="cpu")(patches(cfg)).shape == (2, 5)
+
+
+def test_param_count_grows_with_depth():
+    counts = [SpoolHead(tiny(depth=d), device="cpu").param_count() for d in (1, 2, 3)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] - counts[1] == counts[1] - counts[0]  # each block adds the same parameters
+
+
+def test_backend_selection():
+    assert resolve_backend("auto", "cpu", needs_grad=True) == "blocked"
+    assert resolve_backend("auto", "cuda", needs_grad=True) == "flex"
+    assert resolve_backend("dense", "cpu", needs_grad=True) == "dense"
+    assert resolve_backend("flex", "cpu", needs_grad=False) == "flex"
+    with pytest.raises(ValueError, match="no backward"):
+        resolve_backend("flex", "cpu", needs_grad=True)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("sparse", "cpu", needs_grad=True)
+
+
+def test_backend_is_said_once_when_the_model_is_built(caplog):
+    with caplog.at_level(logging.INFO, logger="spool.model"):
+        model = SpoolHead(tiny(), device="cpu")
+        model(patches(TINY))
+        model(patches(TINY))
+    assert model.backend == "blocked"
+    assert [r.getMessage() for r in caplog.records if "backend" in r.getMessage()] == [
+        "SpoolHead attention backend: blocked (requested 'auto', device cpu)"
+    ]
+
+
+def test_backends_give_the_same_logits():
+    x = patches(TINY)
+    out = {}
+    for backend, needs_grad in (("blocked", True), ("dense", True), ("flex", False)):
+        torch.manual_seed(0)
+        model = SpoolHead(tiny(backend=backend), device="cpu", needs_grad=needs_grad)
+        with torch.no_grad():
+            out[backend] = model(x)
+    torch.testing.assert_close(out["blocked"], out["dense"])
+    torch.testing.assert_close(out["flex"], out["dense"])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_lookahead_heads=5), "num_lookahead_heads=5 must be between 0 and num_heads=4"),
+        (dict(num_lookahead_heads=-1), "num_lookahead_heads=-1"),
+        (dict(dim=30), "dim=30 is not divisible by num_heads=4"),
+        (dict(dim=None, in_dim=10), "dim=10 is not divisible by num_heads=4"),
+        (dict(backend="sparse"), "backend='sparse' is unknown"),
+        (dict(local_frame_range=-1), "local_frame_range must be >= 0"),
+        (dict(num_frames=0), "num_frames must be >= 1"),
+        (dict(dropout=1.0), "dropout must be in"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny(**overrides)
+
+
+def test_num_lookback_heads():
+    assert tiny(num_heads=6, dim=24, num_lookahead_heads=2).num_lookback_heads == 4
+
+
+def test_wrong_input_shape_is_explained():
+    model = SpoolHead(tiny(), device="cpu")
+    with pytest.raises(ValueError, match=r"T=4, L=3, D_in=12"):
+        model(torch.randn(2, 5, 3, 12))
+
+
+def test_tiny_overfit():
+    torch.manual_seed(0)
+    cfg = tiny(num_classes=4)
+    model = SpoolHead(cfg, device="cpu")
+    x = patches(cfg, batch=8, seed=1)
+    y = torch.arange(8) % 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("num_lookahead_heads", [0, 4])  # lookback-only, lookahead-only
+def test_output_depends_on_frame_order(num_lookahead_heads):
+    # Zero the temporal embedding so order can only enter through the attention mask.
+    cfg = tiny(num_lookahead_heads=num_lookahead_heads, depth=2)
+    model = SpoolHead(cfg, device="cpu").eval()
+    with torch.no_grad():
+        model.framing.time_embed.zero_()
+        x = patches(cfg)
+        forward, reversed_ = model(x), model(x.flip(1))
+    assert not torch.allclose(forward, reversed_, atol=1e-4)
+
+    # Control: with one block the context frames read a permutation-invariant set of frames,
+    # so the pooled output cannot see the order (as mean-pooling would not).
+    one_block = SpoolHead(dataclasses.replace(cfg, depth=1), device="cpu").eval()
+    with torch.no_grad():
+        one_block.framing.time_embed.zero_()
+        torch.testing.assert_close(one_block(x), one_block(x.flip(1)))
