@@ -1,0 +1,478 @@
+"""``spool train-head``: train and evaluate a head on the cached features of one store.
+
+    cfg = TrainConfig(store="feats.zarr", out="runs/a", num_lookahead_heads=4)
+    result = train_head(cfg)            # result.final["top1"] is video-level eval top-1
+
+An ablation grid builds one ``FeatureSet`` and calls ``train_head(cfg, features=fs)`` per
+configuration: the store is read once for the whole grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spool.baselines import AttentiveProbeConfig, MeanLinearConfig
+from spool.checkpoint import (
+    HEAD_INPUTS,
+    build_head,
+    load_checkpoint,
+    save_checkpoint,
+    strip_compile_prefix,
+)
+from spool.data import FeatureSet, Splits, assign_splits
+from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
+from spool.model import HeadConfig
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue as configured."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss became NaN or infinite; the run stopped before writing a checkpoint."""
+
+
+class ResumeMismatchError(TrainError):
+    """``resume=True`` but the checkpoint in ``out`` was trained with different options."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str
+    out: str
+    head: str = "spool"  # "spool" | "mean-linear" | "attentive-probe"
+    # Spool head (HeadConfig); give at most one of lookahead/lookback, the other is the rest
+    num_heads: int = 6
+    lookahead: int | None = None  # num_lookahead_heads; neither given: num_heads // 2
+    lookback: int | None = None  # num_lookback_heads = num_heads - num_lookahead_heads
+    local_frame_range: int = 2
+    depth: int = 4
+    dim: int | None = None
+    context_frames: bool = True
+    dropout: float = 0.0
+    backend: str = "auto"
+    token_pool: int = 1
+    norm: str = "batchnorm"  # mean-linear only: "batchnorm" | "layernorm" | "none"
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: float = 1.0  # epochs of linear warm-up (fractions allowed), then cosine to zero
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    seed: int = 0
+    # data and machine
+    val_fraction: float = 0.2
+    cache: str = "auto"  # "auto" | "none" | "memory" | "gpu" (see FeatureSet)
+    workers: int = 2
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    resume: bool = False
+
+
+# Options that change how a run executes but not what it computes; resume ignores them.
+RESUME_FREE_KEYS = ("resume", "cache", "workers", "device", "out", "store")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float  # clip level
+    eval_top1: float  # video level
+    eval_top5: float | None  # None with fewer than 5 classes
+    eval_topk: float  # top-k with k = min(5, num_classes)
+    lr: float  # at the end of the epoch
+    clips_per_s: float  # training throughput, loading included
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[EpochRecord]
+    final: dict  # eval metrics of the last epoch: top1, top5, top_k, per-class, confusion
+    best: dict  # {"epoch", "top1"} of checkpoint_best.pt
+    config: dict  # what config.json holds
+
+    @property
+    def top1(self) -> float:
+        return self.final["top1"]
+
+
+# --- resolving the config ---------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
+    return d
+
+
+def resolve_lookahead(num_heads: int, lookahead: int | None, lookback: int | None) -> int:
+    """num_lookahead_heads from --lookahead / --lookback; neither given: half the heads
+    (rounded down; 3 of the default 6, HeadConfig's default)."""
+    if lookahead is None and lookback is None:
+        return num_heads // 2
+    if lookahead is not None and lookback is not None and lookahead + lookback != num_heads:
+        raise TrainError(
+            f"lookahead ({lookahead}) + lookback ({lookback}) must equal num_heads ({num_heads}); give one of them"
+        )
+    n = lookahead if lookahead is not None else num_heads - lookback
+    if not 0 <= n <= num_heads:
+        raise TrainError(f"num_lookahead_heads must be in [0, num_heads={num_heads}], got {n}")
+    return n
+
+
+def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_tokens: int, num_classes: int):
+    if cfg.head == "spool":
+        return HeadConfig(
+            in_dim=in_dim,
+            num_frames=num_frames,
+            num_tokens=num_tokens,
+            num_classes=num_classes,
+            dim=cfg.dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            local_frame_range=cfg.local_frame_range,
+            context_frames=cfg.context_frames,
+            dropout=cfg.dropout,
+            backend=cfg.backend,
+            num_lookahead_heads=resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback),
+        )
+    if cfg.head == "mean-linear":
+        return MeanLinearConfig(in_dim=in_dim, num_classes=num_classes, norm=cfg.norm)
+    if cfg.head == "attentive-probe":
+        return AttentiveProbeConfig(in_dim=in_dim, num_classes=num_classes, num_frames=num_frames, num_heads=cfg.num_heads)
+    raise TrainError(f"unknown head {cfg.head!r}; expected 'spool', 'mean-linear' or 'attentive-probe'")
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.head not in HEAD_INPUTS:
+        raise TrainError(f"unknown head {cfg.head!r}; expected one of {sorted(HEAD_INPUTS)}")
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise TrainError(f"lr must be > 0, got {cfg.lr}")
+
+
+# --- optimisation -------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # No weight decay on biases, norms, embeddings and query tokens (anything not a matrix).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim == 2]
+    other = [p for p in params if p.ndim != 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
+    )
+
+
+def _forward(model: nn.Module, inputs: tuple[str, ...], batch: dict) -> torch.Tensor:
+    return model(*[batch[k].float() for k in inputs])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, inputs, features: FeatureSet, clips: np.ndarray, batch_size: int, device) -> dict:
+    model.eval()
+    logits, labels, videos = [], [], []
+    for batch in features.batches(clips, batch_size, device=device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = _forward(model, inputs, batch)
+        logits.append(out.float().cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+        videos.append(batch["video"].numpy())
+    _, vlogits, vlabels = video_logits(np.concatenate(logits), np.concatenate(videos), np.concatenate(labels))
+    return classification_metrics(vlogits, vlabels, features.num_classes)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def _open_store(path: str):
+    from spool.stores import open_store
+
+    return open_store(path, mode="r")
+
+
+def load_features(cfg: TrainConfig, store=None, *, splits: Splits | None = None) -> tuple[FeatureSet, Splits]:
+    """The FeatureSet (train + eval clips) and splits a TrainConfig asks for.
+
+    A grid calls this once and passes the FeatureSet to every ``train_head`` whose head
+    inputs and token_pool it covers."""
+    store = store if store is not None else _open_store(cfg.store)
+    if splits is None:
+        t = store.clips()
+        splits = assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    clips = np.concatenate([splits.train, splits.eval])
+    features = FeatureSet(
+        store,
+        clips,
+        token_pool=cfg.token_pool,
+        inputs=HEAD_INPUTS[cfg.head],
+        cache=cfg.cache,
+        device=resolve_device(cfg.device),
+        workers=cfg.workers,
+    )
+    features.splits = splits
+    return features, splits
+
+
+def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Splits, device) -> dict:
+    return {
+        "train": asdict(cfg),
+        "head": cfg.head,
+        "head_config": asdict(head_cfg),
+        "store": {"path": features.store_path, "fingerprint": features.fingerprint},
+        "splits": splits.summary(),
+        "features": features.describe(),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+
+
+def _diff_keys(saved: dict, wanted: dict) -> list[str]:
+    keys = (set(saved) | set(wanted)) - set(RESUME_FREE_KEYS)
+    return sorted(k for k in keys if saved.get(k) != wanted.get(k))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def train_head(
+    cfg: TrainConfig,
+    *,
+    features: FeatureSet | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg.head`` on the store's train split, evaluate each epoch on the eval split
+    (val, or the store's test split when it has no val), write the outputs to ``cfg.out``.
+
+    ``features``: a FeatureSet from ``load_features`` to reuse (it must come from the same
+    store, hold the head's inputs with the same token_pool, and carry its splits).
+    ``on_epoch_end`` is called after each epoch's checkpoint is written.
+    Raises NonFiniteLossError on a NaN/inf loss, ResumeMismatchError when resuming with
+    other options than the checkpoint's.
+    """
+    _check(cfg)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    owns_store = features is None
+    if features is None:
+        features, splits = load_features(cfg)
+    else:
+        splits = getattr(features, "splits", None)
+        if splits is None:
+            raise TrainError("the given FeatureSet carries no splits; build it with spool.train.load_features")
+        needed = HEAD_INPUTS[cfg.head]
+        if not set(needed) <= set(features.inputs) or features.token_pool != cfg.token_pool:
+            raise TrainError(
+                f"the given FeatureSet holds inputs {features.inputs} with token_pool={features.token_pool}, "
+                f"but head {cfg.head!r} needs {needed} with token_pool={cfg.token_pool}"
+            )
+    try:
+        return _run(cfg, features, splits, device, out, progress, on_epoch_end)
+    finally:
+        if owns_store:
+            features.store.close()
+
+
+def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress, on_epoch_end) -> TrainResult:
+    inputs = HEAD_INPUTS[cfg.head]
+    head_cfg = make_head_config(
+        cfg,
+        in_dim=features.dim,
+        num_frames=features.num_frames,
+        num_tokens=features.num_tokens,
+        num_classes=features.num_classes,
+    )
+    config = _config_json(cfg, head_cfg, features, splits, device)
+
+    torch.manual_seed(cfg.seed)  # weights and dropout; batch order comes from (seed, epoch)
+    model = build_head(cfg.head, head_cfg, device=device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(splits.train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = max(1, round(cfg.warmup * steps_per_epoch)) if cfg.warmup > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+
+    start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0}
+    last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
+    if cfg.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        diff = _diff_keys(ckpt["train"], asdict(cfg))
+        if ckpt["store"].get("fingerprint") != features.fingerprint:
+            diff.append("store fingerprint")
+        if diff:
+            raise ResumeMismatchError(
+                f"{last_path} was trained with other options; differing: "
+                + ", ".join(f"{k} (saved {ckpt['train'].get(k)!r}, asked {asdict(cfg).get(k)!r})" if k in asdict(cfg) else k for k in diff)
+                + ". Use the same options, or a new --out."
+            )
+        model.load_state_dict(strip_compile_prefix(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        history = [EpochRecord(**h) for h in ckpt["history"]]
+    _atomic_json(out / "config.json", config)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    show_bar = progress and sys.stderr.isatty()
+    final = None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = Progress(
+            TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_bar,
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task("train", total=steps_per_epoch, info="")
+            batches = features.batches(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device)
+            for step, batch in enumerate(batches):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = _forward(model, inputs, batch)
+                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                        f"(lr {scheduler.get_last_lr()[0]:.3g}); no checkpoint was written for this epoch. "
+                        "Check the features for inf/NaN (float16 overflow) or lower --lr."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                n = len(batch["label"])
+                loss_sum += loss.item() * n
+                correct += int((logits.argmax(1) == batch["label"]).sum())
+                seen += n
+                bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - t0
+        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device)
+        record = EpochRecord(
+            epoch=epoch + 1,
+            train_loss=loss_sum / seen,
+            train_acc=correct / seen,
+            eval_top1=final["top1"],
+            eval_top5=final["top5"],
+            eval_topk=final["top_k"]["accuracy"],
+            lr=scheduler.get_last_lr()[0],
+            clips_per_s=seen / train_time,
+        )
+        history.append(record)
+        payload = {
+            "model": strip_compile_prefix(model.state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "rng": _rng_state(),
+            "history": [asdict(h) for h in history],
+            "head": cfg.head,
+            "head_config": config["head_config"],
+            "train": config["train"],
+            "store": config["store"],
+            "eval": final,
+        }
+        if final["top1"] > best["top1"]:
+            best = {"epoch": epoch + 1, "top1": final["top1"]}
+            save_checkpoint(best_path, {**payload, "best": best})
+        save_checkpoint(last_path, {**payload, "best": best})
+        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+        if show_bar:
+            console.print(
+                f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
+                f"{splits.eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s"
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    if final is None:  # resumed a finished run: report what it ended with
+        final = load_checkpoint(last_path)["eval"]
+    _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+    plot_curves([asdict(h) for h in history], out / "learning_curves.png")
+    plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
+    if progress:
+        _print_table(console, history, final, splits.eval_split)
+    return TrainResult(out=out, history=history, final=final, best=best, config=config)
+
+
+def _print_table(console, history: list[EpochRecord], final: dict, eval_split: str) -> None:
+    from rich.table import Table
+
+    k = final["top_k"]["k"]
+    table = Table(title=f"train-head ({eval_split}, video level)")
+    for col in ("epoch", "train loss", "train acc", "top-1", f"top-{k}", "lr", "clips/s"):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(
+            str(h.epoch),
+            f"{h.train_loss:.4f}",
+            f"{h.train_acc:.3f}",
+            f"{h.eval_top1:.3f}",
+            f"{h.eval_topk:.3f}",
+            f"{h.lr:.2e}",
+            f"{h.clips_per_s:.0f}",
+        )
+    console.print(table)
+    console.print(f"final {eval_split} top-1 {final['top1']:.3f}, top-{k} {final['top_k']['accuracy']:.3f}")

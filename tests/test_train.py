@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_data import make_store
+
+from spool.checkpoint import load_checkpoint, load_head
+from spool.train import (
+    NonFiniteLossError,
+    ResumeMismatchError,
+    TrainConfig,
+    TrainError,
+    load_features,
+    lr_factor,
+    resolve_lookahead,
+    train_head,
+)
+
+TINY = dict(depth=1, num_heads=2, dim=8, local_frame_range=1, epochs=2, batch_size=4, workers=1, lr=3e-3, warmup=0.5)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    path = tmp_path / "feats.zarr"
+    make_store(path, num_videos=10, num_classes=2, T=4, L=4, D=8, signal=2.0).close()
+    return str(path)
+
+
+def config(store_path, out, **kw):
+    return TrainConfig(store=store_path, out=str(out), **{**TINY, **kw})
+
+
+def weights(out, name="checkpoint_last.pt"):
+    return load_checkpoint(out / name)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_same_seed_gives_identical_metrics_and_weights(store_path, tmp_path):
+    r1 = train_head(config(store_path, tmp_path / "a", dropout=0.1), progress=False)
+    r2 = train_head(config(store_path, tmp_path / "b", dropout=0.1), progress=False)
+    m1 = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for e1, e2 in zip(m1["epochs"], m2["epochs"]):
+        e1.pop("clips_per_s"), e2.pop("clips_per_s")
+        assert e1 == e2
+    assert r1.final == r2.final
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    r3 = train_head(config(store_path, tmp_path / "c", dropout=0.1, seed=1), progress=False)
+    assert r3.history[-1].train_loss != r1.history[-1].train_loss
+
+
+def test_resume_equals_uninterrupted_run(store_path, tmp_path):
+    full = train_head(config(store_path, tmp_path / "full", dropout=0.1), progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(record):
+        if record.epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_head(config(store_path, tmp_path / "part", dropout=0.1), progress=False, on_epoch_end=kill_after_first)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")["epoch"] == 1
+    resumed = train_head(config(store_path, tmp_path / "part", dropout=0.1, resume=True), progress=False)
+    assert [h.epoch for h in resumed.history] == [1, 2]
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]
+    assert resumed.final == full.final
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_resume_refuses_other_options(store_path, tmp_path):
+    train_head(config(store_path, tmp_path / "run", epochs=1), progress=False)
+    with pytest.raises(ResumeMismatchError, match=r"lr .*depth|depth.*lr"):
+        train_head(config(store_path, tmp_path / "run", epochs=1, lr=1e-2, depth=2, resume=True), progress=False)
+    # options that do not change the result may differ
+    train_head(config(store_path, tmp_path / "run", epochs=1, resume=True, cache="none", workers=2), progress=False)
+
+
+def test_nan_loss_stops_without_a_broken_checkpoint(tmp_path):
+    path = tmp_path / "inf.zarr"
+    store = make_store(path, num_videos=6, num_classes=2, T=4, L=4, D=8)
+    store.close()
+    # an absurd learning rate blows the weights up within a few steps
+    cfg = TrainConfig(store=str(path), out=str(tmp_path / "run"), **{**TINY, "lr": 1e30, "grad_clip": 0.0, "epochs": 3})
+    with pytest.raises(NonFiniteLossError, match="lower --lr"):
+        train_head(cfg, progress=False)
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        p = tmp_path / "run" / name
+        if p.exists():  # an earlier, finite epoch may have been saved; it must be finite
+            assert all(torch.isfinite(v).all() for v in load_checkpoint(p)["model"].values())
+
+
+def test_inf_features_raise_non_finite_loss(tmp_path):
+    from spool.stores import open_store
+
+    path = tmp_path / "inf.zarr"
+    make_store(path, num_videos=6, num_classes=2, T=4, L=4, D=8).close()
+    store = open_store(path, mode="a")
+    p = np.full((2, 4, 4, 8), np.inf, np.float16)
+    store.write_video(0, p, p[:, :, 0], np.tile(np.arange(4), (2, 1)), num_frames=4, fps=25.0)
+    store.close()
+    for head in ("spool", "mean-linear"):
+        cfg = TrainConfig(store=str(path), out=str(tmp_path / head), head=head, **{**TINY, "batch_size": 12})
+        with pytest.raises(NonFiniteLossError, match="inf/NaN"):
+            train_head(cfg, progress=False)
+        assert not (tmp_path / head / "checkpoint_last.pt").exists()
+
+
+def test_outputs_are_written_and_well_formed(store_path, tmp_path):
+    out = tmp_path / "run"
+    result = train_head(config(store_path, out, lookahead=1), progress=False)
+    for name in ("config.json", "metrics.json", "checkpoint_best.pt", "checkpoint_last.pt", "learning_curves.png", "confusion_matrix.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob("*.tmp"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head"] == "spool" and cfg["head_config"]["num_lookahead_heads"] == 1
+    assert cfg["head_config"]["depth"] == 1 and cfg["train"]["lr"] == TINY["lr"]
+    assert cfg["store"]["fingerprint"] and cfg["store"]["path"].endswith("feats.zarr")
+    assert cfg["splits"]["source"] == "drawn" and cfg["splits"]["val"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    final = metrics["final"]
+    assert final["top5"] is None and final["top_k"]["k"] == 2  # 2 classes: top-2 reported instead
+    cm = np.array(final["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == final["num_videos"] == cfg["splits"]["val"] // 2
+    assert final["top1"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert result.top1 == final["top1"] and result.history[-1].clips_per_s > 0
+    assert 0 <= metrics["epochs"][-1]["lr"] < TINY["lr"]
+    # the checkpoint rebuilds the head without repeating options, and gives the same logits
+    model, saved = load_head(out / "checkpoint_last.pt")
+    assert saved["head_config"]["num_lookahead_heads"] == 1 and saved["train"]["token_pool"] == 1
+    features, splits = load_features(config(store_path, out, cache="memory"))
+    batch = next(features.batches(splits.val, 4))
+    with torch.no_grad():
+        logits = model(batch["patches"].float())
+    assert logits.shape == (len(batch["label"]), 2) and torch.isfinite(logits).all()
+
+
+def test_baselines_train_and_the_spool_head_learns(store_path, tmp_path):
+    spool = train_head(config(store_path, tmp_path / "spool", epochs=4), progress=False)
+    assert spool.top1 == 1.0  # class signal of 2 sigma per channel: trivially separable
+    for head in ("mean-linear", "attentive-probe"):
+        r = train_head(config(store_path, tmp_path / head, head=head, epochs=4, lr=1e-2), progress=False)
+        assert r.top1 == 1.0, head
+        assert r.history[-1].train_loss < r.history[0].train_loss
+        model, saved = load_head(tmp_path / head / "checkpoint_best.pt")
+        assert saved["head"] == head
+
+
+def test_shared_feature_set_gives_the_same_run(store_path, tmp_path):
+    cfg = config(store_path, tmp_path / "own", cache="memory")
+    own = train_head(cfg, progress=False)
+    features, _ = load_features(cfg)
+    shared = [train_head(config(store_path, tmp_path / f"shared{i}", cache="memory"), features=features, progress=False) for i in range(2)]
+    assert own.final == shared[0].final == shared[1].final
+    with pytest.raises(TrainError, match="token_pool"):
+        train_head(config(store_path, tmp_path / "pool", token_pool=2), features=features, progress=False)
+
+
+def test_schedule_and_lookahead_resolution():
+    f = [lr_factor(s, 4, 20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] < 0.05
+    assert resolve_lookahead(6, 4, None) == 4 and resolve_lookahead(6, None, 4) == 2
+    assert resolve_lookahead(6, None, None) == 3 and resolve_lookahead(2, None, None) == 1
+    with pytest.raises(TrainError, match="must equal num_heads"):
+        resolve_lookahead(6, 4, 4)
