@@ -47,8 +47,13 @@ def write_video(path: Path, frames: np.ndarray, *, fps: int = 25, codec: str = "
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         # One encoder thread: frame-threaded x264 is slower than one thread on tiny clips.
         stream.thread_count = 1
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for i, frame in enumerate(frames):
+            # Converting to the stream's pixel format here and numbering frames ourselves
+            # makes the bytes reproducible: left to the encoder, identical input sometimes
+            # gave different files.
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format=pix_fmt)
+            video_frame.pts = i
+            container.mux(stream.encode(video_frame))
         container.mux(stream.encode())
     return path
 
