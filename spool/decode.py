@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import multiprocessing.connection
+import queue
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
@@ -277,29 +278,60 @@ class DecodePool:
             return
         if not self._workers:
             raise RuntimeError("DecodePool.imap_unordered with workers must run inside `with DecodePool(...) as pool:`")
+        # A thread schedules the workers so they keep decoding while the caller is busy
+        # with the previous video (the backbone); the bounded queue caps memory at about
+        # 2 * num_workers videos: one decoding in each worker, num_workers finished.
+        results: queue.Queue = queue.Queue(maxsize=self.num_workers)
+        stop = threading.Event()
+
+        def schedule() -> None:
+            try:
+                for item in self._schedule(jobs, stop):
+                    while not stop.is_set():
+                        try:
+                            results.put(("item", item), timeout=0.2)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+                results.put(("end", None))
+            except BaseException as err:  # re-raised in the caller's thread
+                results.put(("error", err))
+
+        thread = threading.Thread(target=schedule, name="spool-decode-scheduler", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, payload = results.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise payload
+                yield payload
+        finally:
+            stop.set()
+            thread.join()
+
+    def _schedule(self, jobs: Iterable[tuple[Hashable, Path]], stop: threading.Event) -> Iterator[tuple[Hashable, DecodedVideo | DecodeError]]:
+        """Hand jobs to idle workers, collect results, kill and replace hung or dead workers."""
         pending = iter(jobs)
         exhausted = False
-        queue: deque[tuple[Hashable, Path]] = deque()
-        while True:
-            # hand a job to every idle, ready worker
+        while not stop.is_set():
             for worker in self._workers:
-                if worker.ready and worker.job is None:
-                    if not queue and not exhausted:
-                        nxt = next(pending, None)
-                        if nxt is None:
-                            exhausted = True
-                        else:
-                            queue.append(nxt)
-                    if queue:
-                        worker.job = queue.popleft()
-                        worker.conn.send(worker.job)
-                        worker.deadline = time.monotonic() + self.timeout_s
-            if exhausted and not queue and all(w.job is None for w in self._workers):
+                if worker.ready and worker.job is None and not exhausted:
+                    job = next(pending, None)
+                    if job is None:
+                        exhausted = True
+                    else:
+                        worker.job, worker.deadline = job, time.monotonic() + self.timeout_s
+                        worker.conn.send(job)
+            if exhausted and all(w.job is None for w in self._workers):
                 return
-            now = time.monotonic()
-            wait_s = max(0.0, min(w.deadline for w in self._workers) - now)
+            wait_s = max(0.0, min(w.deadline for w in self._workers) - time.monotonic())
             handles = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
-            ready = set(mp.connection.wait(handles, timeout=min(wait_s, 60.0)))
+            # short cap: the stop flag is checked between waits
+            ready = set(mp.connection.wait(handles, timeout=min(wait_s, 0.5)))
             for i, worker in enumerate(list(self._workers)):
                 kind = None
                 if worker.conn in ready:
@@ -314,6 +346,8 @@ class DecodePool:
                         worker.job, worker.deadline = None, float("inf")
                         yield key, result
                         continue
+                elif worker.conn.poll():
+                    continue  # a message arrived after wait() returned: read it before judging the worker
                 if kind == "dead" or worker.process.sentinel in ready or not worker.process.is_alive():
                     worker.process.join(5)
                     code = worker.process.exitcode

@@ -151,6 +151,8 @@ def hang_or_crash(path, **kwargs):
         time.sleep(60)
     if name.startswith("crash"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if name.startswith("boom"):
+        raise KeyError("a bug, not a bad video")
     return read_video(path, **kwargs)
 
 
@@ -171,13 +173,14 @@ def test_pool_returns_every_job_once(tiny_mp4, broken_files):
 
 def test_pool_times_out_hung_and_survives_crashed_workers(tiny_mp4, tmp_path):
     good = tiny_mp4(40)
-    jobs = [("hang", tmp_path / "hang.mp4"), ("crash", tmp_path / "crash.mp4")] + [(i, good) for i in range(4)]
+    jobs = [("hang", tmp_path / "hang.mp4"), ("crash", tmp_path / "crash.mp4"), ("boom", tmp_path / "boom.mp4")] + [(i, good) for i in range(4)]
     start = time.monotonic()
-    with DecodePool(2, timeout_s=1.5, read_fn=hang_or_crash, frames=4, size=16) as pool:
+    with DecodePool(2, timeout_s=1.0, read_fn=hang_or_crash, frames=4, size=16) as pool:
         results = dict(pool.imap_unordered(jobs))
     assert time.monotonic() - start < 15
-    assert set(results) == {"hang", "crash", 0, 1, 2, 3}
-    assert str(results["hang"]) == "timed out after 1.5s"
+    assert set(results) == {"hang", "crash", "boom", 0, 1, 2, 3}
+    assert str(results["hang"]) == "timed out after 1s"
+    assert str(results["boom"]) == "unexpected KeyError: 'a bug, not a bad video'"
     assert isinstance(results["crash"], DecodeError) and str(results["crash"]).startswith("decoder crashed")
     assert all(isinstance(results[i], DecodedVideo) for i in range(4))
 
@@ -193,5 +196,26 @@ def test_pool_keeps_few_videos_in_flight(tiny_mp4):
     with DecodePool(2, timeout_s=30, frames=2, size=16) as pool:
         stream = pool.imap_unordered(jobs())
         next(stream)
-        assert len(pulled) <= 2 * 2 + 1  # bounded memory: the job list is not read ahead
+        time.sleep(1.0)  # let the workers run ahead as far as they may
+        # bounded memory: 2 decoding + 2 finished + 1 waiting to be queued + 1 held by us
+        assert len(pulled) <= 2 * 2 + 2
         assert len(list(stream)) == 19
+
+
+def test_pool_stops_cleanly_when_the_caller_stops_early(tiny_mp4):
+    start = time.monotonic()
+    with DecodePool(2, timeout_s=30, frames=2, size=16) as pool:
+        for _ in pool.imap_unordered((i, tiny_mp4(40)) for i in range(100)):
+            break
+    assert time.monotonic() - start < 10
+
+
+def test_decord_failure_falls_back_to_pyav(tiny_mp4, monkeypatch):
+    import spool.decode
+
+    def broken(*args):
+        raise RuntimeError("decord exploded")
+
+    monkeypatch.setattr(spool.decode, "_read_decord", broken)
+    video = read_video(tiny_mp4(40), frames=4, size=16, decoder="decord")
+    assert video.decoder == "pyav" and video.num_frames == 40
