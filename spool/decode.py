@@ -7,9 +7,11 @@ already-small frames in memory. Both decoders go through the same resize
 (``resize_center_crop``: PIL bilinear with antialiasing), so they return the same
 pixels on ordinary files (both convert YUV to RGB with FFmpeg's swscale).
 
-Frame numbers are positions in presentation order, counted from 0. A container that
-claims more frames than it decodes fails with ``DecodeError("truncated: ...")`` as
-soon as a sampled frame turns out to be missing; it is never padded silently.
+Frame numbers are positions in presentation order, counted from 0. A video's length
+is the number of video packets in the file (what decord counts when it opens a file;
+PyAV demuxes without decoding to get the same number). A file whose header declares
+more frames than it holds, or whose decoding ends before a sampled frame, fails with
+``DecodeError("truncated: ...")``; it is never padded or resampled silently.
 
 ``DecodePool`` runs ``read_video`` in worker processes with a per-video time limit,
 because a decoder can hang or crash in native code, which no ``try`` can catch.
@@ -94,6 +96,11 @@ def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: 
     n = len(vr)
     if n <= 0:
         raise DecodeError("zero frames")
+    try:
+        declared = _declared_frames(path)
+    except Exception:  # PyAV cannot read the header: nothing to compare against
+        declared = 0
+    _check_complete(declared, n)
     indices = clip_frame_indices(n, frames=frames, clips=clips, stride=stride)
     wanted = np.unique(indices).tolist()
     decoded: dict[int, np.ndarray] = {}
@@ -107,31 +114,53 @@ def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: 
     return DecodedVideo(_assemble(decoded, indices, size), indices, n, float(vr.get_avg_fps()), "decord", is_short(n, frames, stride))
 
 
-def _count_frames_pyav(container: Any, stream: Any) -> int:
-    if stream.frames > 0:  # from the container index (MP4 stts); exact for MP4/MOV
-        return int(stream.frames)
-    # MKV/WebM/AVI often carry no count: demux (no decoding) and count the video packets,
-    # which is also how decord counts.
-    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    container.seek(0)
-    return count
+def count_frames(path: Path) -> tuple[int, int]:
+    """(declared, present): the frame count the container header claims (0 if it has none)
+    and the video packets actually in the file, counted by demuxing without decoding.
+
+    ``present`` is the count decord uses (it indexes every packet when it opens a file),
+    so both decoders sample from the same length.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DecodeError("not a video: no video stream")
+        stream = container.streams.video[0]
+        declared = max(int(stream.frames), 0)
+        present = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    return declared, present
+
+
+def _declared_frames(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return max(int(container.streams.video[0].frames), 0) if container.streams.video else 0
+
+
+def _check_complete(declared: int, present: int) -> None:
+    # A file cut short keeps its header (MP4 with the index first), and decord then
+    # quietly samples from the frames that remain; say so instead.
+    if declared > present:
+        raise DecodeError(f"truncated: the container declares {declared} frames, the file holds {present}")
 
 
 def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, size: int) -> DecodedVideo:
     import av
 
     try:
+        declared, n = count_frames(path)
         container = av.open(str(path))
     except av.FFmpegError as err:
         raise DecodeError(f"not a video: {_one_line(err)}") from err
+    if n <= 0:
+        container.close()
+        raise DecodeError("zero frames")
+    _check_complete(declared, n)
     with container:
-        if not container.streams.video:
-            raise DecodeError("not a video: no video stream")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        n = _count_frames_pyav(container, stream)
-        if n <= 0:
-            raise DecodeError("zero frames")
         indices = clip_frame_indices(n, frames=frames, clips=clips, stride=stride)
         wanted = set(np.unique(indices).tolist())
         last = max(wanted)

@@ -3,6 +3,7 @@ import shutil
 import signal
 import time
 
+import av
 import numpy as np
 import pytest
 from conftest import coded_frames, read_frame_code
@@ -113,6 +114,10 @@ def broken_files(tmp_path_factory, tiny_mp4):
     (d / "folder.mp4").mkdir()
     faststart = write_video(d / "faststart.mp4", coded_frames(40, 48, 64), container_options={"movflags": "faststart"})
     _truncated_copy(faststart, d / "truncated.mp4", 0.7)
+    # cut exactly before packet 25: every remaining packet is whole, only the header knows
+    with av.open(str(faststart)) as c:
+        cut = [p.pos for p in c.demux(c.streams.video[0]) if p.size][25]
+    (d / "cut.mp4").write_bytes(faststart.read_bytes()[:cut])
     return d
 
 
@@ -124,14 +129,15 @@ def broken_files(tmp_path_factory, tiny_mp4):
         ("folder.mp4", "not a file"),
         ("empty.mp4", "empty file"),
         ("random.mp4", "not a video"),
-        ("truncated.mp4", "of 40 frames"),
+        ("truncated.mp4", "truncated"),
+        ("cut.mp4", "truncated: the container declares 40 frames, the file holds 25"),
     ],
 )
 def test_broken_files_raise_decode_error(broken_files, decoder, name, reason):
     with pytest.raises(DecodeError, match=reason) as info:
         read_video(broken_files / name, frames=8, size=16, decoder=decoder)
     assert "\n" not in str(info.value)
-    if decoder == "decord" and name in ("random.mp4", "truncated.mp4"):
+    if decoder == "decord" and name in ("random.mp4", "truncated.mp4", "cut.mp4"):
         assert "decord:" in str(info.value) and "pyav:" in str(info.value)  # both reasons
 
 
