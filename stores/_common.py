@@ -195,6 +195,18 @@ def as_indices(clip_indices: Sequence[int] | np.ndarray, num_clips: int, path: P
     return idx
 
 
+def output_buffer(out: np.ndarray | None, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """``out`` checked against the shape a read returns, or a new array of that shape."""
+    if out is None:
+        return np.empty(shape, dtype="<f2")
+    if out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(
+            f"{path}: out must be a writeable C-contiguous float16 array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+    return out
+
+
 def check_video_write(
     video_index: int,
     num_videos: int,

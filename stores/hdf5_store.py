@@ -39,6 +39,7 @@ from spool.stores._common import (
     clip_tables,
     expected_arrays,
     fill_value,
+    output_buffer,
     truncate_reason,
 )
 from spool.stores.base import DONE, FAILED, PENDING, ClipTable, FeatureStore, StoreError, VideoTable
@@ -112,7 +113,8 @@ def create_hdf5(
         static["video_id"] = np.array(video_ids, dtype=object)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         try:
-            with h5py.File(tmp, "w", locking=False) as f:
+            # libver "earliest": superblock v0, which has no "open for writing" flag a kill leaves set.
+            with h5py.File(tmp, "w", libver="earliest", locking=False) as f:
                 for k, v in attrs.items():
                     f.attrs[k] = json.dumps(v)
                 for name, spec in specs.items():
@@ -213,22 +215,23 @@ class HDF5FeatureStore(FeatureStore):
             done=np.repeat(d["status"][:] == DONE, self.clips_per_video),
         )
 
-    def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray:
         idx = as_indices(clip_indices, self.num_clips, self.path)
-        mm = self._mm[name]
-        if mm is not None:
-            return mm[idx]  # fancy indexing copies, in the given order
         ds = self._ds[name]
-        out = np.empty((idx.size, *ds.shape[1:]), dtype=np.float16)
+        out = output_buffer(out, (idx.size, *ds.shape[1:]), self.path)
+        mm = self._mm.get(name)
         for k, i in enumerate(idx):
-            ds.read_direct(out, np.s_[int(i)], np.s_[k])
+            if mm is not None:
+                out[k] = mm[i]  # a clip is one contiguous run of bytes in the file
+            else:
+                ds.read_direct(out, np.s_[int(i)], np.s_[k])
         return out
 
-    def read_patches(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._read_clips("patches", clip_indices)
+    def read_patches(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._read_clips("patches", clip_indices, out)
 
-    def read_cls(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._read_clips("cls", clip_indices)
+    def read_cls(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._read_clips("cls", clip_indices, out)
 
     # --- writing -----------------------------------------------------------------------------
     def _writable(self) -> dict[str, h5py.Dataset]:
