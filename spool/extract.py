@@ -1,0 +1,313 @@
+"""Stage one: decode each video once, run the frozen backbone, write a resumable feature cache.
+
+Three things overlap so the backbone never waits: decoding in worker processes
+(`DecodePool`), the backbone on fixed-size frame batches in this process, and a
+background thread that writes finished videos into the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import spool
+from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
+from spool.decode import DecodedVideo, DecodeError, DecodePool
+from spool.progress import RateProgress
+from spool.sources import VideoSource, load_source
+from spool.stores import StoreError, create_store, open_store
+from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    source: str
+    out: str
+    format: str = "auto"
+    split_files: tuple[str, ...] = ()
+    labels_file: str | None = None
+    backbone: str = "dinov2_vits14"
+    weights: str = "pretrained"  # "pretrained" | "random" | a checkpoint path
+    image_size: int = 224
+    token_pool: int = 1
+    frames: int = 16  # T
+    stride: int | None = None  # None: T frames evenly spaced over the video
+    clips: int = 1  # temporal views per video
+    decoder: str = "decord"  # decord (PyAV as fallback) | pyav
+    workers: int = 4  # decoding processes; 0 decodes inline
+    decode_timeout: float = 120.0  # seconds per video before its decoder is killed
+    batch_size: int = 64  # frames per backbone call
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.frames >= 1, f"--frames must be >= 1, got {self.frames}"),
+            (self.clips >= 1, f"--clips must be >= 1, got {self.clips}"),
+            (self.stride is None or self.stride >= 1, f"--stride must be >= 1, got {self.stride}"),
+            (self.image_size >= 14, f"--size must be >= 14, got {self.image_size}"),
+            (self.token_pool >= 1, f"--token-pool must be >= 1, got {self.token_pool}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.decode_timeout > 0, f"--decode-timeout must be > 0, got {self.decode_timeout}"),
+            (self.decoder in ("decord", "pyav"), f"--decoder must be decord or pyav, got {self.decoder!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# The options that decide what the store's numbers are. Re-running with a different value
+# on an existing store would mix two kinds of features, so it is refused.
+CONTENT_KEYS = ("backbone", "timm_name", "weights", "image_size", "token_pool", "frames", "stride", "clips", "decoder")
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    done: int = 0  # videos extracted by this run
+    failed: int = 0  # videos that failed in this run
+    skipped: int = 0  # videos already finished before this run
+    total_done: int = 0  # DONE videos in the store after this run
+    seconds: float = 0.0
+    frames: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def content_attrs(cfg: ExtractConfig, identity: WeightsIdentity) -> dict[str, Any]:
+    return {
+        "backbone": cfg.backbone,
+        "timm_name": timm_name(cfg.backbone),
+        "weights": dataclasses.asdict(identity),
+        "image_size": cfg.image_size,
+        "token_pool": cfg.token_pool,
+        "frames": cfg.frames,
+        "stride": cfg.stride,
+        "clips": cfg.clips,
+        "decoder": cfg.decoder,
+    }
+
+
+def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncoder, identity: WeightsIdentity,
+                   command: str):
+    """Open the store to resume it, or create it. A store made with other content-defining
+    options or another video list is an error unless --overwrite."""
+    out = Path(cfg.out)
+    content = content_attrs(cfg, identity)
+    video_ids = [e.video_id for e in source.entries]
+    labels = [e.label for e in source.entries]
+    if out.exists() and not cfg.overwrite:
+        store = open_store(out, mode="a")
+        saved = store.attrs.get("content", {})
+        differing = [k for k in CONTENT_KEYS if saved.get(k) != content.get(k)]
+        if differing:
+            store.close()
+            diffs = "; ".join(f"{k}: store has {saved.get(k)!r}, this run asks {content.get(k)!r}" for k in differing)
+            raise StoreError(
+                f"{out} was extracted with other options ({diffs}). Pass --overwrite to replace it, "
+                "or choose another --out."
+            )
+        table = store.videos()
+        if list(table.video_id) != video_ids or list(table.label) != labels:
+            store.close()
+            raise StoreError(
+                f"{out} holds a different video list than {cfg.source} ({len(table.video_id)} vs {len(video_ids)} "
+                "videos, or other ids/labels). Pass --overwrite to replace it, or choose another --out."
+            )
+        return store
+    splits = [SPLIT_CODES[e.split] if e.split is not None else NO_SPLIT for e in source.entries]
+    attrs = {
+        "content": content,
+        "backbone": cfg.backbone,
+        "weights": dataclasses.asdict(identity),
+        "image_size": cfg.image_size,
+        "patch_size": encoder.patch_size,
+        "token_pool": cfg.token_pool,
+        "sampling": {"frames": cfg.frames, "stride": cfg.stride, "clips": cfg.clips},
+        "source": {"path": str(Path(cfg.source).resolve()), "format": source.format},
+        "extract_config": dataclasses.asdict(cfg),
+        "command": command,
+    }
+    return create_store(
+        out,
+        video_ids=video_ids,
+        labels=labels,
+        splits=splits,
+        class_names=source.class_names,
+        clips_per_video=cfg.clips,
+        num_frames=cfg.frames,
+        num_tokens=encoder.num_tokens,
+        dim=encoder.dim,
+        attrs=attrs,
+        overwrite=cfg.overwrite,
+    )
+
+
+class _VideoAssembly:
+    """Per-video output buffers, filled batch by batch; complete when every frame has its features."""
+
+    def __init__(self, video_index: int, decoded: DecodedVideo, num_tokens: int, dim: int):
+        clips, frames = decoded.frame_indices.shape
+        self.video_index = video_index
+        self.decoded = decoded
+        self.patches = np.empty((clips * frames, num_tokens, dim), dtype=np.float16)
+        self.cls = np.empty((clips * frames, dim), dtype=np.float16)
+        self.remaining = clips * frames
+
+
+def run_extract(
+    cfg: ExtractConfig,
+    *,
+    command: str = "",
+    progress: bool = True,
+    on_video_written: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Extract features for every pending video of `cfg.source` into `cfg.out`."""
+    source = load_source(
+        Path(cfg.source),
+        split_files=[Path(p) for p in cfg.split_files],
+        labels_file=Path(cfg.labels_file) if cfg.labels_file else None,
+        fmt=cfg.format,
+    )
+    if not source.entries:
+        raise ValueError(f"no videos found in {cfg.source} (format {source.format})")
+    device = resolve_device(cfg.device)
+    encoder, identity = load_backbone(
+        cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, token_pool=cfg.token_pool, seed=cfg.seed
+    )
+    encoder = encoder.to(device)
+    store = open_or_create(cfg, source, encoder, identity, command)
+    result = ExtractResult(store=str(cfg.out))
+    try:
+        status = store.videos().status
+        retry = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
+        pending = [v for v in range(store.num_videos) if status[v] in retry]
+        result.skipped = store.num_videos - len(pending)
+        _extract_pending(cfg, source, encoder, device, store, pending, result, progress, on_video_written)
+        result.total_done = int((store.videos().status == DONE).sum())
+    finally:
+        store.close()
+    return result
+
+
+def _extract_pending(cfg, source, encoder, device, store, pending, result, progress, on_video_written) -> None:
+    entries = source.entries
+    bar = RateProgress(total=len(pending), enabled=progress, description="extract")
+    writes: queue.Queue = queue.Queue(maxsize=8)
+    write_error: list[BaseException] = []
+
+    def writer() -> None:
+        # Runs beside the backbone: store writes (compression, fsync) must not stall the GPU.
+        while (item := writes.get()) is not None:
+            if write_error:
+                continue
+            try:
+                kind, video_index, payload = item
+                if kind == "done":
+                    assembly: _VideoAssembly = payload
+                    d = assembly.decoded
+                    clips, frames = d.frame_indices.shape
+                    store.write_video(
+                        video_index,
+                        assembly.patches.reshape(clips, frames, *assembly.patches.shape[1:]),
+                        assembly.cls.reshape(clips, frames, -1),
+                        d.frame_indices,
+                        d.num_frames,
+                        d.fps,
+                    )
+                    result.done += 1
+                    result.frames += clips * frames
+                    bar.advance(frames=clips * frames)
+                else:
+                    store.mark_failed(video_index, payload)
+                    result.failed += 1
+                    result.failures.append((entries[video_index].video_id, payload))
+                    bar.advance(failed=True)
+                if on_video_written is not None:
+                    on_video_written(video_index)
+            except BaseException as err:  # surfaced in the main thread below
+                write_error.append(err)
+
+    thread = threading.Thread(target=writer, name="spool-store-writer", daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    jobs = ((v, entries[v].path) for v in pending)
+    read_kwargs = dict(
+        frames=cfg.frames, clips=cfg.clips, stride=cfg.stride, size=cfg.image_size, decoder=cfg.decoder
+    )
+    autocast = device.type == "cuda"
+    batch = np.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    spans: list[tuple[_VideoAssembly, int, int, int]] = []  # (assembly, first frame, first row, count)
+    filled = 0
+
+    def run_batch() -> None:
+        nonlocal filled, spans
+        frames = torch.from_numpy(batch)
+        if device.type == "cuda":
+            frames = frames.pin_memory().to(device, non_blocking=True)
+        x = normalize_frames(frames)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            cls, patches = encoder(x)
+        cls = cls.to(torch.float16).cpu().numpy()
+        patches = patches.to(torch.float16).cpu().numpy()
+        for assembly, first, row, count in spans:
+            assembly.patches[first : first + count] = patches[row : row + count]
+            assembly.cls[first : first + count] = cls[row : row + count]
+            assembly.remaining -= count
+            if assembly.remaining == 0:
+                writes.put(("done", assembly.video_index, assembly))
+        batch[:] = 0  # padding rows stay zero, so every batch is the same function of its frames
+        spans, filled = [], 0
+
+    try:
+        with bar, DecodePool(cfg.workers, cfg.decode_timeout, **read_kwargs) as pool:
+            for video_index, decoded in pool.imap_unordered(jobs):
+                if write_error:
+                    raise write_error[0]
+                if isinstance(decoded, DecodeError):
+                    writes.put(("failed", video_index, str(decoded)))
+                    continue
+                assembly = _VideoAssembly(video_index, decoded, encoder.num_tokens, encoder.dim)
+                video_frames = decoded.frames.reshape(-1, *decoded.frames.shape[2:])
+                first = 0
+                while first < len(video_frames):
+                    count = min(cfg.batch_size - filled, len(video_frames) - first)
+                    batch[filled : filled + count] = video_frames[first : first + count]
+                    spans.append((assembly, first, filled, count))
+                    filled += count
+                    first += count
+                    if filled == cfg.batch_size:
+                        run_batch()
+            if filled:
+                run_batch()
+    finally:
+        writes.put(None)
+        thread.join()
+        result.seconds = time.perf_counter() - start
+    if write_error:
+        raise write_error[0]
