@@ -177,7 +177,8 @@ class FeatureSet:
     Build it once and hand it to many ``train_head`` calls (an ablation grid does this):
     with ``cache="memory"`` or ``"gpu"`` the store is read once, here, and every later
     epoch of every run only indexes arrays. ``cache="none"`` reads each batch from the
-    store (one sorted ``read_patches`` call per batch) on ``workers`` background threads;
+    store (one sorted ``read_patches`` call per batch) on ``workers`` background threads
+    (0: in the calling thread);
     ``cache="auto"`` picks "memory" when the features take at most half of the available
     RAM and "none" otherwise, and says which in ``cache_reason``.
 
@@ -218,7 +219,7 @@ class FeatureSet:
         self.num_frames = store.num_frames
         self.num_tokens = pooled_num_tokens(store.num_tokens, self.token_pool) if "patches" in self.inputs else 0
         self.dim = store.dim
-        self.workers = max(1, int(workers))
+        self.workers = max(0, int(workers))
         self.read_batch = int(read_batch)
         self.device = torch.device(device)
 
@@ -279,8 +280,11 @@ class FeatureSet:
         return out
 
     def _chunks(self, positions_list: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Read each list of positions in order, up to ``workers`` reads in flight."""
-        if self.workers == 1:
+        """Read each list of positions in order. With ``workers`` >= 1, that many threads
+        read ahead (up to workers + 1 batches in flight) while the caller computes: the
+        store's reads and numpy's copies release the GIL, so the next batches arrive while
+        the model trains on this one. ``workers=0`` reads in the caller's thread."""
+        if self.workers == 0:
             for pos in positions_list:
                 yield self._read(self.clip_indices[pos])
             return
