@@ -271,6 +271,7 @@ class DecodePool:
         # pools can deadlock; spawn starts clean workers that import only what decoding needs.
         self._ctx = mp.get_context(mp_context)
         self._workers: list[_Worker] = []
+        self._schedulers: list[tuple[threading.Event, threading.Thread]] = []
 
     def __enter__(self) -> DecodePool:
         self._workers = [self._start_worker() for _ in range(self.num_workers)]
@@ -283,6 +284,12 @@ class DecodePool:
         return _Worker(self._ctx, self.read_fn, self.read_kwargs)
 
     def close(self) -> None:
+        # a caller that left the `with` block holding an unfinished iterator: stop its
+        # scheduler before the workers it drives go away
+        for stop, thread in self._schedulers:
+            stop.set()
+            thread.join()
+        self._schedulers = []
         for worker in self._workers:
             try:
                 worker.conn.send(None)
@@ -329,6 +336,7 @@ class DecodePool:
                 results.put(("error", err))
 
         thread = threading.Thread(target=schedule, name="spool-decode-scheduler", daemon=True)
+        self._schedulers.append((stop, thread))
         thread.start()
         try:
             while True:

@@ -213,7 +213,10 @@ def test_pool_stops_cleanly_when_the_caller_stops_early(tiny_mp4):
     with DecodePool(2, timeout_s=30, frames=2, size=16) as pool:
         for _ in pool.imap_unordered((i, tiny_mp4(40)) for i in range(100)):
             break
+        held = pool.imap_unordered((i, tiny_mp4(40)) for i in range(100))
+        next(held)  # still referenced when the pool closes
     assert time.monotonic() - start < 10
+    assert pool._workers == [] and pool._schedulers == []
 
 
 def test_decord_failure_falls_back_to_pyav(tiny_mp4, monkeypatch):
