@@ -252,9 +252,9 @@ class DecodePool:
 
     ``DecodePool(num_workers, timeout_s, frames=16, size=224, ...)`` passes the remaining
     keyword arguments to ``read_fn`` (``read_video`` unless given; it must be a
-    top-level, picklable function). Each worker holds one video at a time, so at most
-    ``num_workers`` videos are decoding and at most ``num_workers`` results wait to be
-    consumed. A worker that runs past ``timeout_s`` on one video is killed and replaced
+    top-level, picklable function). Each worker decodes one video at a time and at most
+    ``num_workers`` finished videos wait for the caller, so about ``2 * num_workers``
+    decoded videos are held at once however long the job list is. A worker that runs past ``timeout_s`` on one video is killed and replaced
     (result ``DecodeError("timed out after ...")``); one that dies yields
     ``DecodeError("decoder crashed ...")`` and is replaced. ``num_workers=0`` decodes
     inline, without a time limit, and lets unexpected exceptions through for debugging.
