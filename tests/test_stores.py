@@ -363,22 +363,27 @@ WRITER = textwrap.dedent(
     print("ready", flush=True)
     for v in todo:
         write(store, v)
+        print(v, flush=True)
     store.close()
     print("finished", flush=True)
     """
 )
 
 
-def run_writer(path: Path, seed: int, kill_after: float | None) -> bool:
-    """Run a writer process on ``path``; SIGKILL it ``kill_after`` s after it starts writing.
-    Returns whether it was killed before finishing."""
+def run_writer(path: Path, seed: int, kill: tuple[int, float] | None) -> bool:
+    """Run a writer process on ``path``. With ``kill=(k, delay)``, SIGKILL it ``delay`` seconds
+    after it reports its k-th video, which lands the kill at a random point of a later write
+    whatever the machine's speed. Returns whether it was killed before finishing."""
     code = WRITER.format(tests=str(Path(__file__).parent), path=str(path), seed=seed)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    if kill_after is None:
+    if kill is None:
         assert proc.wait(timeout=60) == 0
         return False
-    time.sleep(kill_after)
+    k, delay = kill
+    for _ in range(k):
+        proc.stdout.readline()
+    time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return proc.returncode == -signal.SIGKILL and "finished" not in proc.stdout.read()
@@ -390,8 +395,8 @@ def test_sigkill_leaves_a_consistent_resumable_store(tmp_path, suffix):
     new_store(path, m=m).close()
     rng = random.Random(7)
     kills = 0
-    for round_ in range(5):
-        kills += run_writer(path, seed=round_, kill_after=rng.uniform(0.0, 0.15))
+    for round_ in range(4):
+        kills += run_writer(path, seed=round_, kill=(rng.randint(1, 5), rng.uniform(0.0, 0.004)))
         with open_store(path) as s:  # opens, and whatever says DONE is complete
             vt = s.videos()
             for v in np.flatnonzero(vt.status == DONE):
@@ -402,8 +407,8 @@ def test_sigkill_leaves_a_consistent_resumable_store(tmp_path, suffix):
                 assert (vt.num_frames[v], vt.fps[v]) == (nf, fps)
             for v in np.flatnonzero(vt.status == FAILED):
                 assert vt.error[v] == f"cannot decode vidéo {v}"
-    assert kills >= 2, "the writer finished before most kills; the test no longer exercises crashes"
-    run_writer(path, seed=99, kill_after=None)
+    assert kills >= 3, "the writer finished before most kills; the test no longer exercises crashes"
+    run_writer(path, seed=99, kill=None)
 
     reference = tmp_path / f"reference{suffix}"
     with new_store(reference, m=m) as s:
