@@ -7,8 +7,10 @@ frames in reverse order. The set of frames of a pair is therefore identical, so 
 model that averages over frames (mean pooling, a bag of frames) is at chance by
 construction, while a model that looks at order can reach 100%.
 
-Videos are real H.264 MP4 files (yuv420p, written with PyAV), laid out one folder
-per class, so ``spool.sources.load_source(out_dir)`` reads them as a folder dataset.
+Videos are real H.264 MP4 files (yuv420p, lossless, written with PyAV), laid out one
+folder per class, so ``spool.sources.load_source(out_dir)`` reads them as a folder
+dataset. Lossless coding keeps the twin property after decoding: a decoded video is
+exactly its twin's decoded frames reversed, and a seed always gives the same pixels.
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ def make_toy(out_dir: Path, *, videos_per_class: int = 8, num_frames: int = 16, 
         for i in range(videos_per_class):
             forward, backward = toy_pair_frames(num_frames, size, seed, p, i)
             for name, frames in ((name_a, forward), (name_b, backward)):
-                # crf 18: near-lossless on this smooth content, so decoded twins stay twins.
-                path = write_video(out_dir / name / f"{name}_{i:03d}.mp4", frames, options={"crf": "18"})
+                # Lossless (qp 0): decoded frames are the generated frames after the RGB->YUV420
+                # round trip, which acts on each frame alone, so decoded twins are exact
+                # reversals and the pixels do not depend on the encoder's choices.
+                path = write_video(out_dir / name / f"{name}_{i:03d}.mp4", frames, options={"qp": "0"})
                 written.append(path)
                 if progress is not None:
                     progress(path)
