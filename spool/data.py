@@ -45,6 +45,8 @@ class Splits:
     test: np.ndarray  # (n_test,) int64, sorted
     eval_split: str  # "val" or "test"
     source: str  # "store" (the store's own split codes) or "drawn" (grouped stratified split)
+    seed: int | None = None  # of a drawn split
+    val_fraction: float | None = None  # of a drawn split
 
     @property
     def eval(self) -> np.ndarray:
@@ -57,6 +59,8 @@ class Splits:
             "train": int(len(self.train)),
             "val": int(len(self.val)),
             "test": int(len(self.test)),
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
         }
 
 
@@ -115,6 +119,8 @@ def assign_splits(
         empty,
         "val",
         "drawn",
+        seed=seed,
+        val_fraction=val_fraction,
     )
 
 
@@ -183,7 +189,8 @@ class FeatureSet:
     RAM and "none" otherwise, and says which in ``cache_reason``.
 
     ``inputs`` names what the heads need: ``("patches",)``, ``("cls",)`` or both; a
-    mean-linear head never reads patches.
+    mean-linear head never reads patches. ``splits``, when given, travels with the set so
+    that every run trained on it uses the same train/eval clips.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class FeatureSet:
         device: str | torch.device = "cpu",
         workers: int = 2,
         read_batch: int = 32,
+        splits: Splits | None = None,
     ):
         unknown = set(inputs) - set(INPUTS)
         if unknown or not inputs:
@@ -204,6 +212,7 @@ class FeatureSet:
         if cache not in CACHE_MODES:
             raise FeatureSetError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
         self.store = store
+        self.splits = splits  # the splits the clips were chosen for; train_head reuses them
         self.fingerprint = store.attrs.get("fingerprint")
         self.store_path = str(store.path)
         self.clip_indices = np.unique(np.asarray(clip_indices, dtype=np.int64))  # sorted

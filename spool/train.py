@@ -234,11 +234,16 @@ def _open_store(path: str):
     return open_store(path, mode="r")
 
 
-def load_features(cfg: TrainConfig, store=None, *, splits: Splits | None = None) -> tuple[FeatureSet, Splits]:
+def load_features(
+    cfg: TrainConfig, store=None, *, splits: Splits | None = None, inputs: tuple[str, ...] | None = None
+) -> tuple[FeatureSet, Splits]:
     """The FeatureSet (train + eval clips) and splits a TrainConfig asks for.
 
     A grid calls this once and passes the FeatureSet to every ``train_head`` whose head
-    inputs and token_pool it covers."""
+    inputs and token_pool it covers: ``inputs=("patches", "cls")`` serves every head. Runs
+    on a shared set use its splits (drawn with ``cfg.seed`` and ``cfg.val_fraction`` of the
+    config given here), so a grid over seeds varies the head's initialisation and batch
+    order, not the split. The caller closes ``features.store`` when done."""
     store = store if store is not None else _open_store(cfg.store)
     if splits is None:
         t = store.clips()
@@ -248,12 +253,12 @@ def load_features(cfg: TrainConfig, store=None, *, splits: Splits | None = None)
         store,
         clips,
         token_pool=cfg.token_pool,
-        inputs=HEAD_INPUTS[cfg.head],
+        inputs=inputs or HEAD_INPUTS[cfg.head],
         cache=cfg.cache,
         device=resolve_device(cfg.device),
         workers=cfg.workers,
+        splits=splits,
     )
-    features.splits = splits
     return features, splits
 
 
@@ -306,7 +311,7 @@ def train_head(
     if features is None:
         features, splits = load_features(cfg)
     else:
-        splits = getattr(features, "splits", None)
+        splits = features.splits
         if splits is None:
             raise TrainError("the given FeatureSet carries no splits; build it with spool.train.load_features")
         needed = HEAD_INPUTS[cfg.head]
@@ -439,7 +444,7 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
             save_checkpoint(best_path, {**payload, "best": best})
         save_checkpoint(last_path, {**payload, "best": best})
         _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
-        if show_bar:
+        if progress:
             console.print(
                 f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
                 f"{splits.eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s"

@@ -115,9 +115,11 @@ def test_inf_features_raise_non_finite_loss(tmp_path):
         assert not (tmp_path / head / "checkpoint_last.pt").exists()
 
 
-def test_outputs_are_written_and_well_formed(store_path, tmp_path):
+def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
     out = tmp_path / "run"
-    result = train_head(config(store_path, out, lookahead=1), progress=False)
+    result = train_head(config(store_path, out, lookahead=1), progress=True)
+    printed = capsys.readouterr().err
+    assert "epoch 2:" in printed and "final val top-1" in printed  # per-epoch lines and the table
     for name in ("config.json", "metrics.json", "checkpoint_best.pt", "checkpoint_last.pt", "learning_curves.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp"))
@@ -157,11 +159,18 @@ def test_baselines_train_and_the_spool_head_learns(store_path, tmp_path):
 
 
 def test_shared_feature_set_gives_the_same_run(store_path, tmp_path):
-    cfg = config(store_path, tmp_path / "own", cache="memory")
+    cfg = config(store_path, tmp_path / "own", cache="memory", epochs=1)
     own = train_head(cfg, progress=False)
-    features, _ = load_features(cfg)
-    shared = [train_head(config(store_path, tmp_path / f"shared{i}", cache="memory"), features=features, progress=False) for i in range(2)]
+    own_linear = train_head(config(store_path, tmp_path / "own_linear", head="mean-linear", epochs=1), progress=False)
+    features, _ = load_features(cfg, inputs=("patches", "cls"))  # one set serves every head
+    assert features.cache == "memory"
+    reads = []
+    features.store.read_patches = lambda idx: reads.append(idx)  # loaded once: no further reads
+    shared = [train_head(config(store_path, tmp_path / f"shared{i}", epochs=1), features=features, progress=False) for i in range(2)]
     assert own.final == shared[0].final == shared[1].final
+    linear = train_head(config(store_path, tmp_path / "linear", head="mean-linear", epochs=1), features=features, progress=False)
+    assert linear.final == own_linear.final
+    assert reads == []
     with pytest.raises(TrainError, match="token_pool"):
         train_head(config(store_path, tmp_path / "pool", token_pool=2), features=features, progress=False)
 
