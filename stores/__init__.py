@@ -94,8 +94,10 @@ def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
     return HDF5FeatureStore(path, mode)
 
 
+from spool.stores.summary import summarize  # noqa: E402  (summary imports base, not this module)
+
 __all__ = [
     "DONE", "FAILED", "NO_SPLIT", "NON_CONTENT_ATTRS", "PENDING", "SCHEMA_VERSION", "SPLIT_CODES", "SPLIT_NAMES",
     "STATUS_NAMES", "ClipTable", "FeatureStore", "StoreError", "VideoTable", "backend_for", "create_store",
-    "fingerprint", "open_store",
+    "fingerprint", "open_store", "summarize",
 ]

@@ -240,14 +240,14 @@ def test_lock_from_another_process(tmp_path, suffix):
     path = tmp_path / f"s{suffix}"
     new_store(path).close()
     code = f"from spool.stores import open_store; s = open_store({str(path)!r}, 'a'); print('held', flush=True); input()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(StoreError, match=f"PID {proc.pid}"):
-            open_store(path, "a")
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            with pytest.raises(StoreError, match=f"PID {proc.pid}"):
+                open_store(path, "a")
+        finally:
+            proc.kill()
+            proc.wait()
     open_store(path, "a").close()  # the kernel dropped the dead writer's lock
 
 
@@ -375,18 +375,18 @@ def run_writer(path: Path, seed: int, kill: tuple[int, float] | None) -> bool:
     after it reports its k-th video, which lands the kill at a random point of a later write
     whatever the machine's speed. Returns whether it was killed before finishing."""
     code = WRITER.format(tests=str(Path(__file__).parent), path=str(path), seed=seed)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    if kill is None:
-        assert proc.wait(timeout=60) == 0
-        return False
-    k, delay = kill
-    for _ in range(k):
-        proc.stdout.readline()
-    time.sleep(delay)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return proc.returncode == -signal.SIGKILL and "finished" not in proc.stdout.read()
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        if kill is None:
+            assert proc.wait(timeout=60) == 0
+            return False
+        k, delay = kill
+        for _ in range(k):
+            proc.stdout.readline()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return proc.returncode == -signal.SIGKILL and "finished" not in proc.stdout.read()
 
 
 def test_sigkill_leaves_a_consistent_resumable_store(tmp_path, suffix):
