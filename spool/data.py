@@ -10,6 +10,7 @@ only the first epoch touches the disk.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -233,6 +234,7 @@ class FeatureSet:
         self.device = torch.device(device)
 
         self.cache, self.cache_reason = self._resolve_cache(cache)
+        self._local = threading.local()  # per-thread scratch buffers for pooled reads
         self._arrays: dict[str, np.ndarray | torch.Tensor] = {}
         if self.cache in ("memory", "gpu"):
             self._load_all()
@@ -279,28 +281,49 @@ class FeatureSet:
         return "none", f"auto: {_gib(need)} is more than half of the {_gib(avail)} available RAM; reading per batch"
 
     # -- reading --
-    def _read(self, clips: np.ndarray) -> dict[str, np.ndarray]:
-        """One sorted read per input for the given (sorted) store clip indices."""
+    def _read(self, pos: np.ndarray, dest: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One sorted read per input for the clips at the given (sorted) positions.
+
+        With ``dest`` (views into the cache arrays) the store reads straight into them.
+        Pooled patches are first read into a per-thread scratch buffer that is reused
+        batch after batch: a fresh 100 MB array costs more in page faults than the read
+        itself (docs/benchmarks.md, "Store reads")."""
+        clips = self.clip_indices[pos]
+        dest = dest or {}
         out = {}
         if "patches" in self.inputs:
-            out["patches"] = pool_tokens(self.store.read_patches(clips), self.token_pool)
+            if self.token_pool == 1:
+                out["patches"] = self.store.read_patches(clips, out=dest.get("patches"))
+            else:
+                raw = self.store.read_patches(clips, out=self._scratch(len(clips)))
+                out["patches"] = pool_tokens(raw, self.token_pool)
+                if "patches" in dest:
+                    dest["patches"][...] = out["patches"]
         if "cls" in self.inputs:
-            out["cls"] = self.store.read_cls(clips)
+            out["cls"] = self.store.read_cls(clips, out=dest.get("cls"))
         return out
 
-    def _chunks(self, positions_list: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Read each list of positions in order. With ``workers`` >= 1, that many threads
-        read ahead (up to workers + 1 batches in flight) while the caller computes: the
+    def _scratch(self, n: int) -> np.ndarray:
+        shape = (n, self.num_frames, self.store.num_tokens, self.dim)
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.shape[0] < n:
+            buf = self._local.scratch = np.empty(shape, dtype=np.float16)
+        return buf[:n]
+
+    def _chunks(self, groups: list[np.ndarray], dests: list[dict] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Read each group of positions in order. With ``workers`` >= 1, that many threads
+        read ahead (up to workers + 1 groups in flight) while the caller computes: the
         store's reads and numpy's copies release the GIL, so the next batches arrive while
         the model trains on this one. ``workers=0`` reads in the caller's thread."""
+        dests = dests or [None] * len(groups)
         if self.workers == 0:
-            for pos in positions_list:
-                yield self._read(self.clip_indices[pos])
+            for pos, dest in zip(groups, dests):
+                yield self._read(pos, dest)
             return
         with ThreadPoolExecutor(self.workers) as pool:
             pending = []
-            for pos in positions_list:
-                pending.append(pool.submit(self._read, self.clip_indices[pos]))
+            for pos, dest in zip(groups, dests):
+                pending.append(pool.submit(self._read, pos, dest))
                 if len(pending) > self.workers:
                     yield pending.pop(0).result()
             for fut in pending:
@@ -313,10 +336,10 @@ class FeatureSet:
             "cls": (n, self.num_frames, self.dim),
         }
         arrays = {k: np.empty(shapes[k], dtype=np.float16) for k in self.inputs}
-        chunks = [np.arange(s, min(s + self.read_batch, n)) for s in range(0, n, self.read_batch)]
-        for pos, data in zip(chunks, self._chunks(chunks)):
-            for k in self.inputs:
-                arrays[k][pos[0] : pos[-1] + 1] = data[k]
+        groups = [np.arange(s, min(s + self.read_batch, n)) for s in range(0, n, self.read_batch)]
+        dests = [{k: a[g[0] : g[-1] + 1] for k, a in arrays.items()} for g in groups]
+        for _ in self._chunks(groups, dests):
+            pass  # each read lands in its slice of ``arrays``
         if self.cache == "gpu":
             self._arrays = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
         else:
@@ -356,7 +379,7 @@ class FeatureSet:
         groups = [np.sort(pos[s : min(s + batch_size, stop)]) for s in range(0, stop, batch_size)]
         device = torch.device(device)
         if self.cache == "none":
-            source = self._chunks(groups)
+            source = self._chunks(groups)  # fresh arrays per batch: the caller may keep them
         else:
             source = (self._take(g) for g in groups)
         for g, data in zip(groups, source):

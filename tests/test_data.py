@@ -149,20 +149,22 @@ class CountingStore:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def read_patches(self, idx):
+    def read_patches(self, idx, out=None):
         self.patch_reads.append(np.asarray(idx).copy())
-        return self._store.read_patches(idx)
+        return self._store.read_patches(idx, out=out)
 
-    def read_cls(self, idx):
+    def read_cls(self, idx, out=None):
         self.cls_reads.append(np.asarray(idx).copy())
-        return self._store.read_cls(idx)
+        return self._store.read_cls(idx, out=out)
 
 
-def test_feature_set_caches_agree_and_match_store(tmp_path):
+@pytest.mark.parametrize("token_pool", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_feature_set_caches_agree_and_match_store(tmp_path, token_pool, workers):
     store = make_store(tmp_path / "s.zarr", num_videos=6, L=16, D=4)
     clips = np.arange(store.num_clips)[::-1]  # order of the request does not matter
     sets = {
-        c: FeatureSet(store, clips, token_pool=2, inputs=("patches", "cls"), cache=c, workers=2, read_batch=5)
+        c: FeatureSet(store, clips, token_pool=token_pool, inputs=("patches", "cls"), cache=c, workers=workers, read_batch=5)
         for c in ("none", "memory")
     }
     wanted = np.array([1, 4, 5, 9, 10])
@@ -172,9 +174,13 @@ def test_feature_set_caches_agree_and_match_store(tmp_path):
             assert (a[k] == b[k]).all()
     batch = got["memory"][0]
     np.testing.assert_array_equal(batch["clip"].numpy(), [1, 4])
-    np.testing.assert_array_equal(batch["patches"].numpy(), pool_tokens(store.read_patches([1, 4]), 2))
+    np.testing.assert_array_equal(batch["patches"].numpy(), pool_tokens(store.read_patches([1, 4]), token_pool))
     np.testing.assert_array_equal(batch["cls"].numpy(), store.read_cls([1, 4]))
-    assert batch["patches"].shape == (2, 4, 4, 4)
+    assert batch["patches"].shape == (2, 4, 16 // token_pool**2, 4)
+    # batches handed out earlier are not overwritten by later reads (no shared buffers)
+    again = list(sets["none"].batches(wanted, 2))
+    for a, b in zip(got["none"], again):
+        assert (a["patches"] == b["patches"]).all()
     np.testing.assert_array_equal(batch["label"].numpy(), store.clips().label[[1, 4]])
     assert sum(len(b["clip"]) for b in got["none"]) == len(wanted)
 
