@@ -60,7 +60,7 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
 def _array_kwargs(name: str, spec_shape: tuple[int, ...], clips_per_video: int) -> dict[str, Any]:
     if name in ("patches", "cls"):
         # One uncompressed chunk per clip: float16 features barely compress, and raw chunks
-        # let read_patches read a clip with one readinto.
+        # let read_patches map a clip's chunk file and copy it out, bypassing zarr.
         return dict(chunks=(1, *spec_shape[1:]), compressors=None)
     rows = VIDEO_CHUNK * (clips_per_video if name in ("label", "video_index", "view_index", "split", "frame_indices") else 1)
     return dict(chunks=(min(rows, spec_shape[0]), *spec_shape[1:]))
@@ -120,8 +120,9 @@ def create_zarr(
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old_lock is not None:
-            old_lock.release()
+        for lock in (old_lock, locals().get("new_lock")):
+            if lock is not None:
+                lock.release()
         raise
     return ZarrFeatureStore(path, "a", _lock=new_lock)
 
