@@ -82,6 +82,9 @@ def extract(
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {video_id}: {reason}")
+        if result.missing:
+            shown = ", ".join(result.missing[:5])
+            console.print(f"  [yellow]{len(result.missing)} listed videos are not on disk[/] (skipped), e.g. {shown}")
         if len(result.failures) > 10:
             console.print(f"  ... {len(result.failures) - 10} more; see `spool info {out}`")
     if result.total_done == 0:

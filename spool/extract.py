@@ -82,6 +82,7 @@ class ExtractResult:
     total_done: int = 0  # DONE videos in the store after this run
     seconds: float = 0.0
     frames: int = 0
+    missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
 
     @property
@@ -149,7 +150,7 @@ def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncode
         "patch_size": encoder.patch_size,
         "token_pool": cfg.token_pool,
         "sampling": {"frames": cfg.frames, "stride": cfg.stride, "clips": cfg.clips},
-        "source": {"path": str(Path(cfg.source).resolve()), "format": source.format},
+        "source": {"path": str(Path(cfg.source).resolve()), "format": source.format, "missing": source.missing},
         "extract_config": dataclasses.asdict(cfg),
         "command": command,
     }
@@ -202,7 +203,7 @@ def run_extract(
     )
     encoder = encoder.to(device)
     store = open_or_create(cfg, source, encoder, identity, command)
-    result = ExtractResult(store=str(cfg.out))
+    result = ExtractResult(store=str(cfg.out), missing=list(source.missing))
     try:
         status = store.videos().status
         retry = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)

@@ -146,8 +146,12 @@ def check_create_inputs(
         raise StoreError(f"video_ids must be unique; {dup!r} appears more than once")
     if not np.issubdtype(labels_a.dtype, np.integer) or not np.issubdtype(splits_a.dtype, np.integer):
         raise StoreError(f"labels and splits must be integers, got {labels_a.dtype} and {splits_a.dtype}")
-    if labels_a.min() < 0 or labels_a.max() >= len(class_names):
-        raise StoreError(f"labels must lie in [0, {len(class_names)}) (one per class name); got {labels_a.min()}..{labels_a.max()}")
+    # -1 marks an unlabeled video (a folder without class sub-folders, an SSv2 test split)
+    if labels_a.min() < -1 or labels_a.max() >= len(class_names):
+        raise StoreError(
+            f"labels must lie in [0, {len(class_names)}) (one per class name), or be -1 for unlabeled videos; "
+            f"got {labels_a.min()}..{labels_a.max()}"
+        )
     allowed = {NO_SPLIT, *SPLIT_CODES.values()}
     if not set(np.unique(splits_a).tolist()) <= allowed:
         raise StoreError(f"splits must be codes {sorted(allowed)} (base.SPLIT_CODES, -1 = none); got {np.unique(splits_a)}")

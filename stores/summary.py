@@ -35,7 +35,8 @@ def summarize(store: FeatureStore, max_failures: int = 20) -> dict[str, Any]:
     split_names = {code: name for code, name in enumerate(SPLIT_NAMES)} | {NO_SPLIT: "none"}
     per_split = {name: int(np.sum(done & (v.split == code))) for code, name in split_names.items()}
     class_names = store.class_names
-    class_counts = np.bincount(v.label[done], minlength=len(class_names))
+    labeled = done & (v.label >= 0)
+    class_counts = np.bincount(v.label[labeled], minlength=len(class_names))
     failed = np.flatnonzero(v.status == FAILED)
     return {
         "path": str(store.path),
@@ -47,6 +48,7 @@ def summarize(store: FeatureStore, max_failures: int = 20) -> dict[str, Any]:
         "done_clips": int(done.sum()) * store.clips_per_video,
         "done_videos_per_split": per_split,
         "done_videos_per_class": {name: int(n) for name, n in zip(class_names, class_counts)},
+        "done_videos_unlabeled": int(np.sum(done & (v.label < 0))),
         "num_failed": int(failed.size),
         "failures": [{"video_id": str(v.video_id[i]), "reason": str(v.error[i])} for i in failed[:max_failures]],
         "bytes_on_disk": bytes_on_disk(store.path),

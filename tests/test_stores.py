@@ -304,6 +304,10 @@ def test_bad_inputs(tmp_path):
         new_store(tmp_path / "a.zarr", video_ids=["a", "a", "b", "c", "d", "e"])
     with pytest.raises(StoreError, match="labels must lie in"):
         new_store(tmp_path / "b.zarr", labels=[0, 1, 2, 3, 0, 0])
+    with pytest.raises(StoreError, match="or be -1 for unlabeled"):
+        new_store(tmp_path / "b2.zarr", labels=[0, 1, -2, 0, 0, 0])
+    with new_store(tmp_path / "b3.zarr", labels=[0, 1, -1, 0, 0, 0]) as unlabeled:  # -1: no label given
+        assert unlabeled.videos().label.tolist() == [0, 1, -1, 0, 0, 0]
     with pytest.raises(StoreError, match="set by create_store"):
         new_store(tmp_path / "c.zarr", attrs={"dim": 3})
     with new_store(tmp_path / "d.zarr") as s:
