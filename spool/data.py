@@ -76,7 +76,8 @@ def assign_splits(
 ) -> Splits:
     """Train / val / test clip indices from the per-clip columns of a store's ClipTable.
 
-    Only clips whose video is DONE count. When any done clip carries a split code, the
+    Only clips whose video is DONE and that have a label (>= 0; unlabeled videos are
+    stored with label -1) count. When any such clip carries a split code, the
     store's split is used as is (clips without a code are left out). Otherwise videos are
     drawn into val with scikit-learn's StratifiedGroupKFold (groups = videos, so no video
     lands in two splits; stratified by class; seeded), taking one fold of
@@ -86,9 +87,12 @@ def assign_splits(
     video_index = np.asarray(video_index)
     label = np.asarray(label)
     done = np.asarray(done, dtype=bool)
-    usable = np.flatnonzero(done)
+    usable = np.flatnonzero(done & (label >= 0))
     if len(usable) == 0:
-        raise FeatureSetError("the store has no finished (DONE) videos; run `spool extract` first")
+        raise FeatureSetError(
+            "the store has no finished (DONE) videos with a label; run `spool extract` first "
+            "(videos stored with label -1 are unlabeled and cannot be trained on)"
+        )
 
     if np.any(split[usable] != NO_SPLIT):
         parts = {

@@ -1,10 +1,16 @@
 """``spool train-head``: train and evaluate a head on the cached features of one store.
 
-    cfg = TrainConfig(store="feats.zarr", out="runs/a", num_lookahead_heads=4)
-    result = train_head(cfg)            # result.final["top1"] is video-level eval top-1
+    cfg = TrainConfig(store="feats.zarr", out="runs/a", lookahead=4)
+    result = train_head(cfg)            # result.top1: video-level top-1 on the eval split
 
-An ablation grid builds one ``FeatureSet`` and calls ``train_head(cfg, features=fs)`` per
-configuration: the store is read once for the whole grid.
+An ablation grid builds one ``FeatureSet`` with ``load_features`` and calls
+``train_head(dataclasses.replace(cfg, ...), features=fs)`` per configuration: the store is
+read once for the whole grid.
+
+Evaluation uses the store's val split, or its test split when it has no val; a store
+without split codes gets a val split drawn per video, stratified by class (spool.data).
+On CPU a run is bit-for-bit reproducible from its seed (weights, dropout and batch order);
+on CUDA, bf16 autocast and non-deterministic kernels allow small differences.
 """
 
 from __future__ import annotations
@@ -314,6 +320,8 @@ def train_head(
         splits = features.splits
         if splits is None:
             raise TrainError("the given FeatureSet carries no splits; build it with spool.train.load_features")
+        if Path(features.store_path).resolve() != Path(cfg.store).resolve():
+            raise TrainError(f"the given FeatureSet was read from {features.store_path}, but cfg.store is {cfg.store}")
         needed = HEAD_INPUTS[cfg.head]
         if not set(needed) <= set(features.inputs) or features.token_pool != cfg.token_pool:
             raise TrainError(
@@ -350,14 +358,14 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
     last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
     if cfg.resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        diff = _diff_keys(ckpt["train"], asdict(cfg))
+        saved, wanted = ckpt["train"], asdict(cfg)
+        diff = [f"{k} (saved {saved.get(k)!r}, asked {wanted.get(k)!r})" for k in _diff_keys(saved, wanted)]
         if ckpt["store"].get("fingerprint") != features.fingerprint:
-            diff.append("store fingerprint")
+            diff.append(f"store fingerprint (saved {ckpt['store'].get('fingerprint')}, store has {features.fingerprint})")
         if diff:
             raise ResumeMismatchError(
-                f"{last_path} was trained with other options; differing: "
-                + ", ".join(f"{k} (saved {ckpt['train'].get(k)!r}, asked {asdict(cfg).get(k)!r})" if k in asdict(cfg) else k for k in diff)
-                + ". Use the same options, or a new --out."
+                f"{last_path} was trained with other options; differing: {', '.join(diff)}. "
+                "Resume with the same options, or train into a new --out."
             )
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -85,16 +85,16 @@ def test_drawn_split_groups_videos_stratifies_and_is_deterministic():
     label = video % num_classes
     split = np.full(len(video), NO_SPLIT, np.int8)
     done = video != 7  # video 7 not finished: its clips are never used
+    label = np.where(video == 9, -1, label)  # video 9 unlabeled: never used either
     s = assign_splits(split, video, label, done, val_fraction=0.25, seed=0)
     assert s.source == "drawn" and s.eval_split == "val" and len(s.test) == 0
     train_v, val_v = set(video[s.train]), set(video[s.val])
     assert not train_v & val_v, "a video landed in two splits"
-    assert 7 not in train_v | val_v
-    assert train_v | val_v == set(range(num_videos)) - {7}
+    assert train_v | val_v == set(range(num_videos)) - {7, 9}
     # whole videos: every clip of a val video is in val
     assert len(s.val) == clips_per_video * len(val_v)
     # stratified: about a quarter of the videos of every class are in val
-    per_class = np.bincount(label[s.val] , minlength=num_classes) // clips_per_video
+    per_class = np.bincount(label[s.val], minlength=num_classes) // clips_per_video
     assert per_class.min() >= 1 and per_class.max() <= 4
     again = assign_splits(split, video, label, done, val_fraction=0.25, seed=0)
     np.testing.assert_array_equal(again.val, s.val)
@@ -107,6 +107,8 @@ def test_drawn_split_needs_enough_videos():
         assign_splits(np.full(3, -1), np.arange(3), np.zeros(3), np.ones(3, bool), val_fraction=0.2)
     with pytest.raises(FeatureSetError, match="no finished"):
         assign_splits(np.full(3, -1), np.arange(3), np.zeros(3), np.zeros(3, bool))
+    with pytest.raises(FeatureSetError, match="label -1"):
+        assign_splits(np.full(3, -1), np.arange(3), np.full(3, -1), np.ones(3, bool))
 
 
 # --- token pooling ----------------------------------------------------------------------
