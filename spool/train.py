@@ -70,6 +70,7 @@ class TrainConfig:
     backend: str = "auto"
     token_pool: int = 1
     norm: str = "batchnorm"  # mean-linear only: "batchnorm" | "layernorm" | "none"
+    temporal_embedding: bool = False  # attentive-probe only: learned per-frame embedding (V-JEPA's has none)
     # optimisation
     epochs: int = 20
     batch_size: int = 32
@@ -162,7 +163,13 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
     if cfg.head == "mean-linear":
         return MeanLinearConfig(in_dim=in_dim, num_classes=num_classes, norm=cfg.norm)
     if cfg.head == "attentive-probe":
-        return AttentiveProbeConfig(in_dim=in_dim, num_classes=num_classes, num_frames=num_frames, num_heads=cfg.num_heads)
+        return AttentiveProbeConfig(
+            in_dim=in_dim,
+            num_classes=num_classes,
+            num_frames=num_frames,
+            num_heads=cfg.num_heads,
+            temporal_embedding=cfg.temporal_embedding,
+        )
     raise TrainError(f"unknown head {cfg.head!r}; expected 'spool', 'mean-linear' or 'attentive-probe'")
 
 

@@ -162,8 +162,9 @@ class CountingStore:
 
 @pytest.mark.parametrize("token_pool", [1, 2])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_feature_set_caches_agree_and_match_store(tmp_path, token_pool, workers):
-    store = make_store(tmp_path / "s.zarr", num_videos=6, L=16, D=4)
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_feature_set_caches_agree_and_match_store(tmp_path, token_pool, workers, suffix):
+    store = make_store(tmp_path / f"s{suffix}", num_videos=6, L=16, D=4)
     clips = np.arange(store.num_clips)[::-1]  # order of the request does not matter
     sets = {
         c: FeatureSet(store, clips, token_pool=token_pool, inputs=("patches", "cls"), cache=c, workers=workers, read_batch=5)

@@ -150,12 +150,12 @@ def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
 def test_baselines_train_and_the_spool_head_learns(store_path, tmp_path):
     spool = train_head(config(store_path, tmp_path / "spool", epochs=4), progress=False)
     assert spool.top1 == 1.0  # class signal of 2 sigma per channel: trivially separable
-    for head in ("mean-linear", "attentive-probe"):
-        r = train_head(config(store_path, tmp_path / head, head=head, epochs=4, lr=1e-2), progress=False)
+    for head, extra in (("mean-linear", {"norm": "layernorm"}), ("attentive-probe", {"temporal_embedding": True})):
+        r = train_head(config(store_path, tmp_path / head, head=head, epochs=4, lr=1e-2, **extra), progress=False)
         assert r.top1 == 1.0, head
         assert r.history[-1].train_loss < r.history[0].train_loss
         model, saved = load_head(tmp_path / head / "checkpoint_best.pt")
-        assert saved["head"] == head
+        assert saved["head"] == head and all(saved["head_config"][k] == v for k, v in extra.items())
 
 
 def test_shared_feature_set_gives_the_same_run(store_path, tmp_path):
