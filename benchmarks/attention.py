@@ -194,14 +194,14 @@ def main(argv=None):
             # On CPU also leave 2 GB of what the machine has free right now.
             limit = a.mem_limit_gb if a.device == "cuda" else min(a.mem_limit_gb, mem_available_gb() - 2)
             if est > limit:
-                r = {"backend": backend, "T": T, "S": S, "skipped": f"memory (est. {est:.1f} GB > {limit:.1f} GB)"}
+                r = {"backend": backend, "T": T, "S": S, "skipped": f"est. {est:.1f} GB > {limit:.1f} GB"}
             elif a.device == "cpu":
                 r = measure_in_child(backend, T, _strip_json(argv))
             else:
                 r = measure(backend, T, a)
             results.append(r)
             if "skipped" in r or "error" in r:
-                why = f"skipped ({r['skipped']})" if "skipped" in r else f"error: {r['error']}"
+                why = f"skipped (memory): {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
                 print(f"| {T} | {S} | {backend} | {why} | | |", flush=True)
                 continue
             line = f"| {T} | {S} | {backend} | {fmt(r['fwd_ms'], '.1f')} | {fmt(r['fwd_bwd_ms'], '.1f')} | {r['peak_gb']:.2f} |"
