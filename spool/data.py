@@ -195,9 +195,9 @@ class FeatureSet:
     with ``cache="memory"`` or ``"gpu"`` the store is read once, here, and every later
     epoch of every run only indexes arrays. ``cache="none"`` reads each batch from the
     store (one sorted ``read_patches`` call per batch) on ``workers`` background threads
-    (0: in the calling thread);
-    ``cache="auto"`` picks "memory" when the features take at most half of the available
-    RAM and "none" otherwise, and says which in ``cache_reason``.
+    (0: in the calling thread). ``cache="auto"`` picks "memory" when the features take at
+    most half of the available RAM and "none" otherwise, and says which in ``cache_reason``;
+    "memory" and "gpu" raise FeatureSetError, naming the sizes, when the set does not fit.
 
     ``inputs`` names what the heads need: ``("patches",)``, ``("cls",)`` or both; a
     mean-linear head never reads patches. ``splits``, when given, travels with the set so
@@ -345,15 +345,20 @@ class FeatureSet:
             "patches": (n, self.num_frames, self.num_tokens, self.dim),
             "cls": (n, self.num_frames, self.dim),
         }
-        arrays = {k: np.empty(shapes[k], dtype=np.float16) for k in self.inputs}
         groups = [np.arange(s, min(s + self.read_batch, n)) for s in range(0, n, self.read_batch)]
+        if self.cache == "gpu":
+            # chunk by chunk, so that host memory never holds the whole set
+            tensors = {k: torch.empty(shapes[k], dtype=torch.float16, device=self.device) for k in self.inputs}
+            for g, data in zip(groups, self._chunks(groups)):
+                for k in self.inputs:
+                    tensors[k][g[0] : g[-1] + 1].copy_(torch.from_numpy(data[k]))
+            self._arrays = tensors
+            return
+        arrays = {k: np.empty(shapes[k], dtype=np.float16) for k in self.inputs}
         dests = [{k: a[g[0] : g[-1] + 1] for k, a in arrays.items()} for g in groups]
         for _ in self._chunks(groups, dests):
             pass  # each read lands in its slice of ``arrays``
-        if self.cache == "gpu":
-            self._arrays = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
-        else:
-            self._arrays = arrays
+        self._arrays = arrays
 
     def positions(self, clip_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Positions in this set of the given store clip indices (all must be in the set)."""

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import spool.data as data
 from spool.data import FeatureSet, FeatureSetError, assign_splits, pool_tokens, pooled_num_tokens
@@ -234,3 +235,16 @@ def test_feature_set_rejects_unfinished_and_unloaded_clips(tmp_path):
     fs = FeatureSet(store, np.arange(4), inputs=("cls",), cache="memory")
     with pytest.raises(FeatureSetError, match="not loaded"):
         next(fs.batches([3, 5], 2))
+
+
+def test_gpu_cache_path_agrees_with_memory(tmp_path, monkeypatch):
+    # no GPU here: run the "gpu" code path (chunked copy into device tensors, index_select)
+    # with CPU tensors, which is what it does on CUDA, and compare with the memory cache
+    store = make_store(tmp_path / "s.zarr", num_videos=6, L=16, D=4)
+    memory = FeatureSet(store, np.arange(12), token_pool=2, inputs=("patches", "cls"), cache="memory", read_batch=5)
+    monkeypatch.setattr(FeatureSet, "_resolve_cache", lambda self, cache: ("gpu", "forced for the test"))
+    gpu = FeatureSet(store, np.arange(12), token_pool=2, inputs=("patches", "cls"), cache="gpu", read_batch=5)
+    assert all(isinstance(v, torch.Tensor) for v in gpu._arrays.values())
+    for a, b in zip(gpu.batches(np.arange(12), 5, shuffle=True), memory.batches(np.arange(12), 5, shuffle=True)):
+        for k in ("patches", "cls", "label", "clip"):
+            assert torch.equal(a[k], b[k])
