@@ -51,6 +51,24 @@ def write_store(path: Path, clips: int, T: int, L: int, D: int, seed: int = 0) -
     return all_patches
 
 
+class StoreBatches(torch.utils.data.Dataset):
+    """The alternative to FeatureSet's threads: a torch DataLoader over batches of indices,
+    each worker process opening the store itself (store handles do not cross processes)."""
+
+    def __init__(self, path: Path, groups: list[np.ndarray]):
+        self.path, self.groups, self.store = path, groups, None
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.store is None:
+            from spool.stores import open_store
+
+            self.store = open_store(self.path)
+        return torch.from_numpy(self.store.read_patches(self.groups[i]))
+
+
 def batches_of(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(perm[s : s + batch_size]) for s in range(0, n, batch_size)]
@@ -127,6 +145,12 @@ def main() -> None:
             results[f"featureset_none_w{w}_clips_s"] = rate(
                 lambda: [b for b in fs.batches(np.arange(n), args.batch_size, shuffle=True, epoch=next(epoch))], n
             )
+        for w in (1, 2):
+            loader = torch.utils.data.DataLoader(
+                StoreBatches(path, groups), batch_size=None, shuffle=False, num_workers=w, persistent_workers=True
+            )
+            results[f"dataloader_processes_w{w}_clips_s"] = rate(lambda: [b for b in loader], n)
+            del loader
         for w in (0, 2):
             results[f"featureset_memory_load_w{w}_clips_s"] = rate(
                 lambda: FeatureSet(store, np.arange(n), inputs=("patches",), cache="memory", workers=w), n, repeats=1
