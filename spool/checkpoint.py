@@ -9,7 +9,7 @@ replaces the old one (``os.replace``), so a kill mid-write never leaves a broken
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, is_dataclass
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,3 @@ def load_head(checkpoint_path: str | Path, map_location: str | torch.device = "c
     model.eval()
     config = {k: payload.get(k) for k in ("head", "head_config", "train", "store")}
     return model, config
-
-
-def config_dict(cfg: Any) -> dict:
-    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)

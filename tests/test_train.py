@@ -117,9 +117,9 @@ def test_inf_features_raise_non_finite_loss(tmp_path):
 
 def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
     out = tmp_path / "run"
-    result = train_head(config(store_path, out, lookahead=1), progress=True)
+    result = train_head(config(store_path, out, lookahead=1, epochs=3), progress=True)
     printed = capsys.readouterr().err
-    assert "epoch 2:" in printed and "final val top-1" in printed  # per-epoch lines and the table
+    assert "epoch 3:" in printed and "final val top-1" in printed  # per-epoch lines and the table
     for name in ("config.json", "metrics.json", "checkpoint_best.pt", "checkpoint_last.pt", "learning_curves.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp"))
@@ -129,13 +129,14 @@ def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
     assert cfg["store"]["fingerprint"] and cfg["store"]["path"].endswith("feats.zarr")
     assert cfg["splits"]["source"] == "drawn" and cfg["splits"]["val"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     final = metrics["final"]
     assert final["top5"] is None and final["top_k"]["k"] == 2  # 2 classes: top-2 reported instead
     cm = np.array(final["confusion_matrix"])
     assert cm.shape == (2, 2) and cm.sum() == final["num_videos"] == cfg["splits"]["val"] // 2
     assert final["top1"] == pytest.approx(np.trace(cm) / cm.sum())
     assert result.top1 == final["top1"] and result.history[-1].clips_per_s > 0
+    assert result.top1 == 1.0  # the Spool head learns the trivially separable classes
     assert 0 <= metrics["epochs"][-1]["lr"] < TINY["lr"]
     # the checkpoint rebuilds the head without repeating options, and gives the same logits
     model, saved = load_head(out / "checkpoint_last.pt")
@@ -147,9 +148,8 @@ def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
     assert logits.shape == (len(batch["label"]), 2) and torch.isfinite(logits).all()
 
 
-def test_baselines_train_and_the_spool_head_learns(store_path, tmp_path):
-    spool = train_head(config(store_path, tmp_path / "spool", epochs=4), progress=False)
-    assert spool.top1 == 1.0  # class signal of 2 sigma per channel: trivially separable
+def test_baselines_train_and_learn(store_path, tmp_path):
+    # class signal of 2 sigma per channel: trivially separable, by any head
     for head, extra in (("mean-linear", {"norm": "layernorm"}), ("attentive-probe", {"temporal_embedding": True})):
         r = train_head(config(store_path, tmp_path / head, head=head, epochs=4, lr=1e-2, **extra), progress=False)
         assert r.top1 == 1.0, head
@@ -166,8 +166,8 @@ def test_shared_feature_set_gives_the_same_run(store_path, tmp_path):
     assert features.cache == "memory"
     reads = []
     features.store.read_patches = lambda *a, **k: reads.append(a)  # loaded once: no further reads
-    shared = [train_head(config(store_path, tmp_path / f"shared{i}", epochs=1), features=features, progress=False) for i in range(2)]
-    assert own.final == shared[0].final == shared[1].final
+    shared = train_head(config(store_path, tmp_path / "shared", epochs=1), features=features, progress=False)
+    assert own.final == shared.final
     linear = train_head(config(store_path, tmp_path / "linear", head="mean-linear", epochs=1), features=features, progress=False)
     assert linear.final == own_linear.final
     assert reads == []
