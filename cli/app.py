@@ -162,6 +162,87 @@ def make_toy(
     console.print(f"wrote {len(paths)} videos to {out_dir}")
 
 
+@app.command("train-head")
+def train_head(
+    store: Annotated[Path, typer.Argument(help="A feature store written by `spool extract`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Run folder; default runs/<store name>-<head>.")] = None,
+    head: Annotated[str, typer.Option(help="spool | mean-linear (DINOv2 protocol) | attentive-probe (V-JEPA).")] = "spool",
+    heads: Annotated[int, typer.Option("--heads", help="Attention heads per block.")] = 6,
+    lookahead: Annotated[Optional[int], typer.Option(help="Lookahead heads; the rest look back. Default heads // 2.")] = None,
+    lookback: Annotated[Optional[int], typer.Option(help="Lookback heads; the rest look ahead.")] = None,
+    range_: Annotated[int, typer.Option("--range", help="local_frame_range k: frames each side a head sees.")] = 2,
+    depth: Annotated[int, typer.Option(help="BTT blocks.")] = 4,
+    dim: Annotated[Optional[int], typer.Option(help="Head width; default the feature width.")] = None,
+    no_context: Annotated[bool, typer.Option("--no-context", help="Drop the start/end context frames.")] = False,
+    token_pool: Annotated[int, typer.Option(help="Average P x P cached patches at load time.")] = 1,
+    norm: Annotated[str, typer.Option(help="mean-linear only: batchnorm | layernorm | none before the linear.")] = "batchnorm",
+    temporal_embedding: Annotated[
+        bool, typer.Option(help="attentive-probe only: add a learned per-frame embedding (V-JEPA's has none).")
+    ] = False,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    warmup: Annotated[float, typer.Option(help="Epochs of linear warm-up before cosine decay.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="Dropout in the BTT blocks.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables clipping.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for init, shuffling and the split.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Held-out fraction when the store has no split.")] = 0.2,
+    backend: Annotated[str, typer.Option(help="Attention: auto | flex | blocked | dense.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    cache: Annotated[str, typer.Option(help="auto | none | memory | gpu: hold the features in RAM or GPU memory.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Reader threads when features are not cached.")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue from checkpoint_last.pt in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train and evaluate a temporal head on cached features only; writes config, metrics, checkpoints, plots."""
+    from spool.checkpoint import CheckpointError
+    from spool.data import FeatureSetError
+    from spool.stores import StoreError
+    from spool.train import NonFiniteLossError, TrainConfig, TrainError
+    from spool.train import train_head as run_train_head
+
+    out = out or Path("runs") / f"{store.stem}-{head}"
+    try:
+        cfg = TrainConfig(
+            store=str(store), out=str(out), head=head, num_heads=heads, lookahead=lookahead, lookback=lookback,
+            local_frame_range=range_, depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
+            backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
+            seed=seed, val_fraction=val_fraction, cache=cache, workers=workers, device=device, resume=resume,
+        )  # fmt: skip
+        result = run_train_head(cfg, progress=not quiet)
+    except NonFiniteLossError as err:
+        _fail(err, code=1)
+    except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, CheckpointError) as err:
+        _fail(err)
+    if not quiet:
+        console.print(f"{out}: top-1 {100 * result.top1:.1f}% (best epoch {result.best.get('epoch')})")
+
+
+@app.command("show-mask")
+def show_mask(
+    frames: Annotated[int, typer.Option(help="Frames per clip (T).")] = 8,
+    range_: Annotated[int, typer.Option("--range", help="local_frame_range k.")] = 2,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 6,
+    lookahead: Annotated[Optional[int], typer.Option(help="Lookahead heads (default heads // 2).")] = None,
+    no_context: Annotated[bool, typer.Option("--no-context", help="Without start/end context frames.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {lookback: rows, lookahead: rows} as JSON.")] = False,
+) -> None:
+    """Draw which frames each head group may attend (rows: query frames C_s, 1..T, C_e)."""
+    from spool.mask import mask_json, render_mask
+
+    num_lookahead = heads // 2 if lookahead is None else lookahead
+    try:
+        if as_json:
+            typer.echo(json.dumps(mask_json(frames, range_, heads, num_lookahead, not no_context)))
+        else:
+            typer.echo(render_mask(frames, range_, heads, num_lookahead, not no_context))
+    except ValueError as err:
+        _fail(err)
+
+
 def main() -> None:
     app()
 

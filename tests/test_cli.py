@@ -1,0 +1,79 @@
+"""The commands are thin: options reach the library call, errors become exit codes with a message."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from spool.cli.app import app
+from spool.stores import create_store
+
+runner = CliRunner()
+
+
+def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
+    seen = {}
+
+    class Result:
+        top1 = 0.5
+        best = {"epoch": 3}
+
+    def fake_train_head(cfg, *, progress):
+        seen["cfg"], seen["progress"] = cfg, progress
+        return Result()
+
+    monkeypatch.setattr("spool.train.train_head", fake_train_head)
+    args = ["train-head", str(tmp_path / "feats.zarr"), "--lookahead", "4", "--heads", "8", "--range", "3",
+            "--depth", "2", "--dim", "128", "--no-context", "--token-pool", "2", "--epochs", "7", "--batch-size", "16",
+            "--lr", "0.001", "--weight-decay", "0.1", "--label-smoothing", "0.1", "--dropout", "0.2", "--seed", "5",
+            "--backend", "dense", "--device", "cpu", "--resume", "--cache", "memory", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.lookahead, cfg.num_heads, cfg.local_frame_range, cfg.depth, cfg.dim) == (4, 8, 3, 2, 128)
+    assert (cfg.context_frames, cfg.token_pool, cfg.epochs, cfg.batch_size) == (False, 2, 7, 16)
+    assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.dropout, cfg.seed) == (0.001, 0.1, 0.1, 0.2, 5)
+    assert (cfg.backend, cfg.device, cfg.resume, cfg.cache, cfg.head) == ("dense", "cpu", True, "memory", "spool")
+    assert cfg.out == str(Path("runs") / "feats-spool")
+    assert seen["progress"] is False
+
+
+def test_train_head_on_a_missing_store_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["train-head", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 2
+    assert "nope.zarr" in result.output
+
+
+def test_show_mask_json_is_the_frame_rule():
+    result = runner.invoke(app, ["show-mask", "--frames", "4", "--range", "1", "--heads", "2", "--lookahead", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    masks = json.loads(result.output)
+    # rows: query frames C_s, 1..4, C_e; a lookback head in frame 3 sees C_s, 2 and 3
+    assert masks["lookback"][3] == [1, 0, 1, 1, 0, 0]
+    assert masks["lookahead"][3] == [0, 0, 0, 1, 1, 1]
+    assert masks["lookback"][0] == [1] * 6 and masks["lookahead"][5] == [1] * 6
+    drawn = runner.invoke(app, ["show-mask", "--frames", "4", "--range", "1"])
+    assert "lookback (3 heads)" in drawn.output and "C_e" in drawn.output
+    bad = runner.invoke(app, ["show-mask", "--heads", "2", "--lookahead", "3"])
+    assert bad.exit_code == 2 and "num_lookahead_heads=3" in bad.output
+
+
+def test_info_json_counts_done_and_failed_videos(tmp_path):
+    path = tmp_path / "s.zarr"
+    with create_store(path, video_ids=["a/1.mp4", "b/1.mp4", "b/2.mp4"], labels=[0, 1, 1], splits=[0, 0, 1],
+                      class_names=["a", "b"], clips_per_video=1, num_frames=2, num_tokens=4, dim=8,
+                      attrs={"backbone": "dinov2_vits14"}) as store:
+        store.write_video(0, np.ones((1, 2, 4, 8), np.float16), np.ones((1, 2, 8), np.float16),
+                          np.array([[0, 1]]), 2, 25.0)
+        store.mark_failed(2, "zero frames")
+    result = runner.invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["status"] == {"pending": 1, "done": 1, "failed": 1}
+    assert info["done_videos_per_class"] == {"a": 1, "b": 0}
+    assert info["failures"] == [{"video_id": "b/2.mp4", "reason": "zero frames"}]
+    text = runner.invoke(app, ["info", str(path)])
+    assert text.exit_code == 0 and "zero frames" in text.output
+    missing = runner.invoke(app, ["info", str(tmp_path / "none.zarr")])
+    assert missing.exit_code == 2 and "no store" in missing.output
