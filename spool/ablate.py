@@ -1,0 +1,481 @@
+"""``spool ablate grid.yaml``: a grid of temporal heads trained on one feature cache.
+
+    grid = load_grid("grid.yaml")
+    result = run_ablation(grid)          # out/results.csv, results.json, summary.md, plots/
+
+The store is opened once and its val split drawn once (``split-seed``); the features are
+loaded once per token_pool and handed to every ``train_head`` of that group, in this
+process or, with ``jobs > 1``, once per worker process. Each run writes to
+``out/runs/<cell-id>-seed<k>`` and is complete when its ``result.json`` exists (written
+atomically, last): a re-run skips complete runs and continues half-done ones from their
+``checkpoint_last.pt`` (train_head's resume), so an ablation killed at any moment finishes
+with the results of an uninterrupted one. A failing run is recorded in its ``error.json``
+and the row's ``error`` column; the others go on, and the next invocation retries it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spool.grid import Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
+from spool.train import TrainConfig
+
+__all__ = [
+    "AblationResult",
+    "GridConfig",
+    "GridError",
+    "load_grid",
+    "plan_ablation",
+    "print_plan",
+    "print_summary",
+    "run_ablation",
+]
+
+RESULT = "result.json"
+ERROR = "error.json"
+TIMING_COLUMNS = ("clips_per_s", "wall_s")  # differ between runs of the same config
+
+
+@dataclass(frozen=True)
+class Run:
+    cell: Cell
+    seed: int
+    dir: str
+    cfg: TrainConfig
+
+
+@dataclass
+class AblationResult:
+    grid: GridConfig
+    cells: list[Cell]
+    runs: list[Run]
+    rows: list[dict] = field(default_factory=list)  # one per run, in grid order then seed
+    summary: list[dict] = field(default_factory=list)  # one per cell, best first
+    trained: int = 0  # runs finished by this invocation
+    skipped: int = 0  # runs already complete
+    failed: int = 0  # runs that raised (this invocation)
+    dry_run: bool = False
+
+    @property
+    def out(self) -> Path:
+        return Path(self.grid.out)
+
+
+# --- planning and validation --------------------------------------------------------------
+
+
+def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
+    """Every cell and run of the grid, each cell's TrainConfig and head config built with the
+    store's shapes: raises GridError (naming the cell) before anything is trained."""
+    from spool.data import FeatureSetError, pooled_num_tokens
+    from spool.stores import StoreError, open_store
+    from spool.train import TrainError, make_head_config
+
+    try:
+        store = open_store(grid.store, mode="r")
+    except (StoreError, FileNotFoundError) as err:
+        raise GridError(f"store: {err}") from None
+    with store:
+        fingerprint = store.attrs.get("fingerprint")
+        shapes = dict(in_dim=store.dim, num_frames=store.num_frames, num_classes=len(store.class_names))
+        num_tokens = store.num_tokens
+    cells = expand(grid, fingerprint)
+    runs = []
+    for cell in cells:
+        cfg = train_config(grid, cell.head, cell.overrides)
+        where = f"{cell.origin}" + (f" with base {_fmt_overrides(grid.base)}" if grid.base else "")
+        try:
+            make_head_config(cfg, num_tokens=pooled_num_tokens(num_tokens, cfg.token_pool), **shapes)
+            if not 0.0 < cfg.val_fraction < 1.0:
+                raise GridError(f"val-fraction must be in (0, 1), got {cfg.val_fraction}")
+            if cfg.dropout >= 1.0:
+                raise GridError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        except (TrainError, FeatureSetError, ValueError) as err:
+            raise GridError(f"{_source(grid)}{where}: {err}") from None
+        for seed in grid.seeds:
+            run_dir = str(Path(grid.out) / "runs" / f"{cell.id}-seed{seed}")
+            runs.append(Run(cell, seed, run_dir, train_config(grid, cell.head, cell.overrides, seed=seed, out=run_dir)))
+    return cells, runs
+
+
+def _source(grid: GridConfig) -> str:
+    return f"{grid.source}: " if grid.source else ""
+
+
+def _fmt_overrides(ov: dict) -> str:
+    return ", ".join(f"{key_name(k)}={v}" for k, v in ov.items())
+
+
+def is_complete(run: Run) -> bool:
+    return (Path(run.dir) / RESULT).exists()
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def _load_group(grid: GridConfig, token_pool: int, heads: set[str], device: str | None = None):
+    """One FeatureSet for every run with this token_pool, holding the inputs all their heads
+    read, on the split every run of the grid shares."""
+    from spool.checkpoint import HEAD_INPUTS
+    from spool.train import load_features
+
+    inputs = tuple(sorted({i for h in heads for i in HEAD_INPUTS[h]}))
+    cfg = train_config(grid, "spool", {"token_pool": token_pool}, seed=grid.split_seed)
+    if device is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "device": device})
+    features, _ = load_features(cfg, inputs=inputs)
+    return features
+
+
+def _train(run: Run, features) -> dict:
+    """Train one run on the shared features; its record, written to result.json (or error.json)."""
+    from spool.checkpoint import build_head
+    from spool.train import train_head
+
+    out = Path(run.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        result = train_head(run.cfg, features=features, progress=False)
+    except Exception as err:  # the grid's boundary: a failing run (OOM, NaN, ...) is recorded, the others go on
+        record = {"status": "failed", "error": f"{type(err).__name__}: {err}", "wall_s": time.perf_counter() - t0}
+        _atomic_json(out / ERROR, record)
+        return record
+    model = build_head(run.cfg.head, result.config["head_config"], device="cpu")
+    record = {
+        "status": "ok",
+        "error": "",
+        "top1": result.final["top1"],
+        "top5": result.final["top5"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "epochs": len(result.history),
+        "best_epoch": result.best["epoch"],
+        "clips_per_s": float(np.mean([h.clips_per_s for h in result.history])),
+        "wall_s": time.perf_counter() - t0,  # of this invocation's part of the run
+        "config": asdict(run.cfg),
+    }
+    _atomic_json(out / RESULT, record)  # last: the run is complete once this file exists
+    (out / ERROR).unlink(missing_ok=True)
+    return record
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+# Worker processes keep one FeatureSet per token_pool, loaded on their first run of it.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(grid: GridConfig, heads_by_pool: dict, device: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(grid=grid, heads=heads_by_pool, device=device, features={})
+
+
+def _worker_run(run: Run) -> dict:
+    pool = run.cfg.token_pool
+    feats = _WORKER["features"]
+    if pool not in feats:
+        feats[pool] = _load_group(_WORKER["grid"], pool, _WORKER["heads"][pool], _WORKER["device"])
+    if _WORKER["device"] is not None:
+        run = Run(run.cell, run.seed, run.dir, TrainConfig(**{**asdict(run.cfg), "device": _WORKER["device"]}))
+    return _train(run, feats[pool])
+
+
+def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> AblationResult:
+    """Validate every cell, then train the runs that are not complete and write the results.
+
+    ``jobs > 1`` trains in that many worker processes (spawned; each loads the features
+    once per token_pool it meets; on a machine with several GPUs and ``device: auto`` worker
+    i uses cuda:i mod n). ``dry_run`` validates and plans without training or writing."""
+    if jobs < 1:
+        raise GridError(f"jobs must be >= 1, got {jobs}")
+    cells, runs = plan_ablation(grid)
+    result = AblationResult(grid=grid, cells=cells, runs=runs, dry_run=dry_run)
+    pending = [r for r in runs if not is_complete(r)]
+    result.skipped = len(runs) - len(pending)
+    if dry_run:
+        result.rows = [_row(grid, r, _read_record(r)) for r in runs]
+        return result
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out = Path(grid.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out / "grid.json", grid.to_json())
+    if progress:
+        console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; {result.skipped} already complete")
+
+    done = 0
+
+    def report(run: Run, record: dict) -> None:
+        nonlocal done
+        done += 1
+        result.trained += record["status"] == "ok"
+        result.failed += record["status"] != "ok"
+        if progress:
+            what = f"top-1 {record['top1']:.3f}" if record["status"] == "ok" else f"[red]failed[/] {record['error']}"
+            console.print(f"[{done}/{len(pending)}] {run.cell.id} seed {run.seed}: {what} ({record['wall_s']:.1f}s)")
+
+    by_pool: dict[int, list[Run]] = defaultdict(list)
+    for r in pending:
+        by_pool[r.cfg.token_pool].append(r)
+    heads_by_pool = {p: {r.cfg.head for r in rs} for p, rs in by_pool.items()}
+    if jobs == 1:
+        for pool, group in by_pool.items():
+            features = _load_group(grid, pool, heads_by_pool[pool])
+            try:
+                for r in group:
+                    report(r, _train(r, features))
+            finally:
+                features.store.close()
+    elif pending:
+        _run_parallel(grid, pending, heads_by_pool, jobs, report)
+
+    result.rows = [_row(grid, r, _read_record(r)) for r in runs]
+    result.summary = summarize(grid, cells, result.rows)
+    write_results(result)
+    if progress:
+        print_summary(result, console)
+        console.print(f"results in {out}/results.csv, summary.md, plots/")
+    return result
+
+
+def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
+    import multiprocessing
+
+    import torch
+
+    ngpu = torch.cuda.device_count() if grid.device == "auto" else 0
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    # One pool per device so that each worker keeps its GPU; CPU-only: one pool, no device pinning.
+    devices = [f"cuda:{i}" for i in range(ngpu)] if ngpu else [None]
+    per_device = [max(1, jobs // len(devices) + (i < jobs % len(devices))) for i in range(len(devices))]
+    executors = [
+        ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(grid, heads_by_pool, d, threads))
+        for d, n in zip(devices[:jobs], per_device)
+    ]
+    try:
+        futures = {}
+        for i, r in enumerate(pending):
+            futures[executors[i % len(executors)].submit(_worker_run, r)] = r
+        for fut in as_completed(futures):
+            report(futures[fut], fut.result())
+    finally:
+        for ex in executors:
+            ex.shutdown(cancel_futures=True)
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+def _read_record(run: Run) -> dict:
+    d = Path(run.dir)
+    for name in (RESULT, ERROR):
+        if (d / name).exists():
+            return json.loads((d / name).read_text())
+    return {"status": "pending", "error": ""}
+
+
+def _row(grid: GridConfig, run: Run, record: dict) -> dict:
+    row = {"cell": run.cell.id, "kind": run.cell.kind, "head": run.cell.head}
+    for f in columns(grid):
+        row[key_name(f)] = "" if run.cell.kind == "baseline" else getattr(run.cfg, f)
+    row.update(seed=run.seed, status=record["status"], top1=record.get("top1"), top5=record.get("top5"))
+    row.update(params=record.get("params"), error=record.get("error", ""))
+    row.update({k: record.get(k) for k in TIMING_COLUMNS})
+    return row
+
+
+def summarize(grid: GridConfig, cells: list[Cell], rows: list[dict]) -> list[dict]:
+    """Per cell: mean and std (population, over the seeds that finished) of top-1/top-5,
+    params and mean clips/s; sorted by mean top-1 (unfinished cells last); the best
+    non-baseline cell gets ``best=True``."""
+    by_cell = defaultdict(list)
+    for row in rows:
+        by_cell[row["cell"]].append(row)
+    summary = []
+    for cell in cells:
+        ok = [r for r in by_cell[cell.id] if r["status"] == "ok"]
+        top1 = [r["top1"] for r in ok]
+        top5 = [r["top5"] for r in ok if r["top5"] is not None]
+        summary.append({
+            "cell": cell.id, "kind": cell.kind, "head": cell.head,
+            "values": {key_name(k): v for k, v in cell.overrides.items()},
+            "seeds": len(ok), "failed": sum(r["status"] == "failed" for r in by_cell[cell.id]),
+            "top1_mean": float(np.mean(top1)) if top1 else None, "top1_std": float(np.std(top1)) if top1 else None,
+            "top5_mean": float(np.mean(top5)) if top5 else None, "top5_std": float(np.std(top5)) if top5 else None,
+            "params": ok[0]["params"] if ok else None,
+            "clips_per_s": float(np.mean([r["clips_per_s"] for r in ok])) if ok else None,
+            "best": False,
+        })  # fmt: skip
+    summary.sort(key=lambda s: -math.inf if s["top1_mean"] is None else s["top1_mean"], reverse=True)
+    heads = [s for s in summary if s["kind"] != "baseline" and s["top1_mean"] is not None]
+    if heads:
+        heads[0]["best"] = True
+    return summary
+
+
+def write_results(result: AblationResult) -> None:
+    """results.csv, results.json, summary.md and plots/ in ``out``; each replaced atomically."""
+    out = result.out
+    rows = result.rows
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    os.replace(tmp, out / "results.csv")
+    _atomic_json(out / "results.json", {"grid": result.grid.to_json(), "runs": rows, "cells": result.summary})
+    tmp = out / "summary.md.tmp"
+    tmp.write_text(summary_markdown(result))
+    os.replace(tmp, out / "summary.md")
+    plot_results(result, out / "plots")
+
+
+def _pm(mean, std, n) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def _summary_rows(result: AblationResult) -> tuple[list[str], list[list[str]]]:
+    header = ["", "cell", "head", "top-1 %", "top-5 %", "seeds", "params", "clips/s"]
+    body = []
+    for s in result.summary:
+        seeds = f"{s['seeds']}/{len(result.grid.seeds)}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        body.append([
+            "★" if s["best"] else "", s["cell"], s["head"], _pm(s["top1_mean"], s["top1_std"], s["seeds"]),
+            _pm(s["top5_mean"], s["top5_std"], s["seeds"]), seeds,
+            "-" if s["params"] is None else f"{s['params']:,}",
+            "-" if s["clips_per_s"] is None else f"{s['clips_per_s']:.0f}",
+        ])  # fmt: skip
+    return header, body
+
+
+def summary_markdown(result: AblationResult) -> str:
+    header, body = _summary_rows(result)
+    g = result.grid
+    lines = [
+        f"# Ablation {g.out}",
+        "",
+        f"Store `{g.store}`, {len(result.cells)} cells x {len(g.seeds)} seeds (seeds {list(g.seeds)}); "
+        "top-1/top-5 are video-level accuracy on the eval split, mean ± std (population) over seeds; "
+        "★ marks the best non-baseline cell.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    failed = [r for r in result.rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- {r['cell']} seed {r['seed']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(result: AblationResult, console=None) -> None:
+    """The per-cell table (mean ± std over seeds, best first, ★ = best) as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    header, body = _summary_rows(result)
+    table = Table(title=f"ablation {result.grid.out}")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i == 1)
+    for r, s in zip(body, result.summary):
+        table.add_row(*r, style="bold green" if s["best"] else ("dim" if s["kind"] == "baseline" else None))
+    console.print(table)
+
+
+def print_plan(result: AblationResult, console=None) -> None:
+    """The dry-run listing: every cell with its overrides and how many of its runs are complete."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    g = result.grid
+    table = Table(title=f"{len(result.cells)} cells x {len(g.seeds)} seeds = {len(result.runs)} runs "
+                  f"({result.skipped} complete, {len(result.runs) - result.skipped} to train)")  # fmt: skip
+    for col in ("#", "cell", "head", "overrides", "done"):
+        table.add_column(col)
+    done = defaultdict(int)
+    for run in result.runs:
+        done[run.cell.id] += is_complete(run)
+    for i, c in enumerate(result.cells, 1):
+        table.add_row(str(i), c.id, c.head, _fmt_overrides(c.overrides) or "-", f"{done[c.id]}/{len(g.seeds)}")
+    console.print(table)
+    if g.base:
+        console.print(f"base: {_fmt_overrides(g.base)}")
+
+
+# --- plots --------------------------------------------------------------------------------
+
+
+def plot_results(result: AblationResult, folder: Path) -> list[Path]:
+    """top1_vs_<axis>.png per grid axis (one line per value of the next axis, mean over the
+    rest and the seeds), top1_vs_params.png and top1_vs_throughput.png (one point per cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in result.rows if r["status"] == "ok"]
+    grid_rows = [r for r in rows if r["kind"] == "grid"]
+    axes = [key_name(f) for f, _ in result.grid.axes]
+    values = {key_name(f): list(v) for f, v in result.grid.axes}
+    written = []
+    for i, axis in enumerate(axes):
+        other = axes[(i + 1) % len(axes)] if len(axes) > 1 else None
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = values[axis]
+        for line in values[other] if other else [None]:
+            ys = []
+            for x in xs:
+                acc = [r["top1"] for r in grid_rows if r[axis] == x and (other is None or r[other] == line)]
+                ys.append(100 * np.mean(acc) if acc else np.nan)
+            ax.plot(range(len(xs)), ys, marker="o", label=f"{other}={line}" if other else None)
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_xlabel(axis)
+        ax.set_ylabel("top-1 % (mean)")
+        if other:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / f"top1_vs_{axis}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    for key, label, name in (("params", "parameters", "params"), ("clips_per_s", "train clips/s", "throughput")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for s in result.summary:
+            if s["top1_mean"] is None:
+                continue
+            ax.scatter(s[key], 100 * s["top1_mean"], marker="*" if s["best"] else ("s" if s["kind"] == "baseline" else "o"))
+            ax.annotate(s["cell"].rsplit("-", 1)[0], (s[key], 100 * s["top1_mean"]), fontsize=6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 % (mean over seeds)")
+        if key == "params":
+            ax.set_xscale("log")
+        fig.tight_layout()
+        written.append(folder / f"top1_vs_{name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written

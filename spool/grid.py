@@ -1,0 +1,406 @@
+"""``spool ablate`` grid files: parse, validate, expand into cells. No training here.
+
+A grid is a flat set of overrides of ``TrainConfig`` (spool.train) applied with
+``dataclasses.replace``: ``base`` for every run, ``grid`` axes whose cartesian product
+gives the cells, ``configs`` for extra cells, ``exclude`` to drop cells, ``seeds`` and
+``baselines``. Keys are train-head's option names (``--batch-size`` -> ``batch-size`` or
+``batch_size``) or TrainConfig field names; ``KEYS`` is the one table that maps them.
+docs/ablate.md is the schema reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from spool.train import TrainConfig
+
+BASELINES = ("mean-linear", "attentive-probe")
+CACHE_MODES = ("auto", "none", "memory", "gpu")
+
+
+class GridError(ValueError):
+    """A grid file that cannot run as written; the message names the key path."""
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str  # TrainConfig field
+    kind: type  # int | float | bool | str
+    optional: bool = False  # None (YAML null) allowed
+    choices: tuple = ()
+    minimum: float | None = None
+    exclusive_min: bool = False  # value must be > minimum rather than >=
+    invert: bool = False  # no-context: true -> context_frames = False
+    axis: bool = True  # may be a grid axis / differ between cells
+
+
+# grid key (train-head's option name without "--") -> TrainConfig field and allowed values
+KEYS: dict[str, Option] = {
+    "heads": Option("num_heads", int, minimum=1),
+    "lookahead": Option("lookahead", int, optional=True, minimum=0),
+    "lookback": Option("lookback", int, optional=True, minimum=0),
+    "range": Option("local_frame_range", int, minimum=0),
+    "depth": Option("depth", int, minimum=1),
+    "dim": Option("dim", int, optional=True, minimum=1),
+    "context": Option("context_frames", bool),
+    "no-context": Option("context_frames", bool, invert=True),
+    "token-pool": Option("token_pool", int, minimum=1),
+    "norm": Option("norm", str, choices=("batchnorm", "layernorm", "none")),
+    "temporal-embedding": Option("temporal_embedding", bool),
+    "epochs": Option("epochs", int, minimum=1),
+    "batch-size": Option("batch_size", int, minimum=1),
+    "lr": Option("lr", float, minimum=0.0, exclusive_min=True),
+    "weight-decay": Option("weight_decay", float, minimum=0.0),
+    "warmup": Option("warmup", float, minimum=0.0),
+    "label-smoothing": Option("label_smoothing", float, minimum=0.0),
+    "dropout": Option("dropout", float, minimum=0.0),
+    "grad-clip": Option("grad_clip", float, minimum=0.0),
+    "backend": Option("backend", str, choices=("auto", "flex", "blocked", "dense")),
+    # every run of a grid trains on one split (drawn once), so it cannot vary between cells
+    "val-fraction": Option("val_fraction", float, minimum=0.0, exclusive_min=True, axis=False),
+}
+# TrainConfig field name -> grid key ("context_frames" -> "context", not "no-context")
+FIELD_KEYS = {opt.field: key for key, opt in KEYS.items() if not opt.invert}
+TOP_KEYS = (
+    "store", "out", "base", "grid", "configs", "exclude", "seeds", "baselines",
+    "split-seed", "cache", "device", "workers",
+)  # fmt: skip
+# TrainConfig fields that say where or how a run executes, not what it computes
+RUN_FIELDS = ("store", "out", "seed", "resume", "cache", "workers", "device", "head")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A validated grid. ``base``, ``axes`` values, ``configs`` and ``exclude`` hold
+    TrainConfig field names (``num_heads``, not ``heads``)."""
+
+    store: str
+    out: str
+    base: dict[str, Any] = field(default_factory=dict)
+    axes: tuple[tuple[str, tuple], ...] = ()  # ((field, values), ...) in file order
+    configs: tuple[dict[str, Any], ...] = ()
+    exclude: tuple[dict[str, tuple], ...] = ()  # field -> values; a cell matching all keys is dropped
+    seeds: tuple[int, ...] = (0,)
+    baselines: tuple[str, ...] = ()
+    split_seed: int = 0  # seed of the drawn val split shared by every run
+    cache: str = "auto"
+    device: str = "auto"
+    workers: int = 2
+    source: str | None = None  # the grid file
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["axes"] = {f: list(v) for f, v in self.axes}
+        d["exclude"] = [{k: list(v) for k, v in e.items()} for e in self.exclude]
+        return d
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid; it runs once per seed."""
+
+    id: str  # readable name + hash of the resolved config, the run folder's prefix
+    kind: str  # "grid" | "config" | "baseline"
+    head: str
+    overrides: dict[str, Any]  # TrainConfig fields this cell sets on top of base
+    origin: str  # where the cell comes from, for error messages ("grid cell lookahead=0, range=1")
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+def key_name(key: str) -> str:
+    """The grid key of a TrainConfig field, for columns and messages."""
+    return FIELD_KEYS.get(key, key)
+
+
+def _lookup(key: Any, path: str) -> tuple[str, Option]:
+    if isinstance(key, str):
+        k = key.replace("_", "-")
+        if k in KEYS:
+            return k, KEYS[k]
+        if key in FIELD_KEYS:
+            return FIELD_KEYS[key], KEYS[FIELD_KEYS[key]]
+    names = sorted(KEYS)
+    close = difflib.get_close_matches(str(key).replace("_", "-"), names + sorted(FIELD_KEYS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise GridError(f"{path}: unknown key {key!r}{hint}; allowed: {', '.join(names)} (or the TrainConfig field names)")
+
+
+def _describe(opt: Option) -> str:
+    if opt.choices:
+        s = " | ".join(map(str, opt.choices))
+    elif opt.kind is bool:
+        s = "true | false"
+    else:
+        s = "an integer" if opt.kind is int else "a number"
+        if opt.minimum is not None:
+            s += f" {'>' if opt.exclusive_min else '>='} {opt.minimum:g}"
+    return s + (" | null" if opt.optional else "")
+
+
+def _value(opt: Option, value: Any, path: str) -> Any:
+    """The TrainConfig value of one grid value, or GridError naming the path and what is allowed."""
+    bad = GridError(f"{path}: {value!r} is not allowed; expected {_describe(opt)}")
+    if value is None:
+        if opt.optional:
+            return None
+        raise bad
+    if opt.kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return (not value) if opt.invert else value
+    if opt.kind is str:
+        if not isinstance(value, str) or value not in opt.choices:
+            raise bad
+        return value
+    if isinstance(value, bool):
+        raise bad
+    if opt.kind is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    if opt.kind is int and not isinstance(value, int):
+        raise bad
+    if opt.kind is float and not isinstance(value, (int, float)):
+        raise bad
+    value = opt.kind(value)
+    if opt.minimum is not None and (value <= opt.minimum if opt.exclusive_min else value < opt.minimum):
+        raise bad
+    return value
+
+
+def _mapping(data: Any, path: str) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: expected a mapping of option: value, got {type(data).__name__} {data!r}")
+    return data
+
+
+def _overrides(data: Any, path: str, *, axis: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in _mapping(data, path).items():
+        name, opt = _lookup(key, path)
+        if axis and not opt.axis:
+            raise GridError(f"{path}.{key}: {name} cannot differ between runs of one grid (they share one split); set it in base")
+        if opt.field in out:
+            raise GridError(f"{path}.{key}: {opt.field} is set twice in {path}")
+        if isinstance(value, (list, dict)):
+            raise GridError(f"{path}.{key}: expected a single value ({_describe(opt)}), got {value!r}")
+        out[opt.field] = _value(opt, value, f"{path}.{key}")
+    return out
+
+
+def _list(data: Any, path: str, *, allow_scalar: bool = False) -> list:
+    if isinstance(data, list):
+        return data
+    if allow_scalar and data is not None and not isinstance(data, dict):
+        return [data]
+    raise GridError(f"{path}: expected a list, got {data!r}")
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+def parse_grid(data: Any, *, source: str | None = None, store_override=None, out_override=None) -> GridConfig:
+    """A GridConfig from the parsed YAML of a grid file; every key, type and value is checked
+    here (combinations that need the store's shapes are checked by ``expand`` + validate)."""
+    where = f"{source}: " if source else ""
+    try:
+        return _parse(_mapping(data, "grid file"), source, store_override, out_override)
+    except GridError as err:
+        raise GridError(f"{where}{err}") from None
+
+
+def _parse(data: dict, source, store_override, out_override) -> GridConfig:
+    for key in data:
+        if key not in TOP_KEYS and str(key).replace("_", "-") not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            options = f" ({key!r} is a train-head option: put it under base or grid)" if _is_option(key) else ""
+            raise GridError(f"unknown top-level key {key!r}{hint}{options}; allowed: {', '.join(TOP_KEYS)}")
+    data = {str(k).replace("_", "-"): v for k, v in data.items()}
+
+    def path_value(key):
+        v = data.get(key)
+        if v is not None and not isinstance(v, str):
+            raise GridError(f"{key}: expected a path, got {v!r}")
+        return v
+
+    store = str(store_override) if store_override is not None else path_value("store")
+    out = str(out_override) if out_override is not None else path_value("out")
+    if not store:
+        raise GridError("store: missing; give the feature store in the grid file or on the command line")
+    if not out:
+        raise GridError("out: missing; give the output folder in the grid file or on the command line")
+
+    base = _overrides(data.get("base"), "base", axis=False)
+    axes: list[tuple[str, tuple]] = []
+    for key, values in _mapping(data.get("grid"), "grid").items():
+        name, opt = _lookup(key, "grid")
+        path = f"grid.{key}"
+        if not opt.axis:
+            raise GridError(f"{path}: {name} cannot be a grid axis (every run of a grid shares one split); set it in base")
+        if any(f == opt.field for f, _ in axes):
+            raise GridError(f"{path}: {opt.field} is already an axis")
+        vals = _list(values, path)
+        if not vals:
+            raise GridError(f"{path}: an axis needs at least one value")
+        parsed = tuple(_value(opt, v, f"{path}[{i}]") for i, v in enumerate(vals))
+        if len(set(parsed)) != len(parsed):
+            raise GridError(f"{path}: repeated values {vals}")
+        if opt.field in base:
+            raise GridError(f"{path}: {name} is also set in base; keep it in one place")
+        axes.append((opt.field, parsed))
+
+    configs = tuple(
+        _overrides(c, f"configs[{i}]", axis=True) for i, c in enumerate(_list(data.get("configs") or [], "configs"))
+    )
+    axis_fields = {f for f, _ in axes}
+    exclude = []
+    for i, e in enumerate(_list(data.get("exclude") or [], "exclude")):
+        path = f"exclude[{i}]"
+        rule = {}
+        for key, values in _mapping(e, path).items():
+            name, opt = _lookup(key, path)
+            if opt.field not in axis_fields:
+                raise GridError(f"{path}.{key}: {name} is not a grid axis; exclusions match axis values ({', '.join(key_name(f) for f in axis_fields)})")
+            vals = values if isinstance(values, list) else [values]
+            rule[opt.field] = tuple(_value(opt, v, f"{path}.{key}") for v in vals)
+        if not rule:
+            raise GridError(f"{path}: an empty exclusion would drop every cell")
+        exclude.append(rule)
+
+    seeds = _list(data.get("seeds", [0]), "seeds", allow_scalar=True)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise GridError(f"seeds: expected a non-empty list of integers >= 0, got {data.get('seeds')!r}")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"seeds: repeated seeds {seeds}")
+    baselines = _list(data.get("baselines") or [], "baselines", allow_scalar=True)
+    for i, b in enumerate(baselines):
+        if b not in BASELINES:
+            raise GridError(f"baselines[{i}]: unknown baseline {b!r}; allowed: {', '.join(BASELINES)}")
+    if len(set(baselines)) != len(baselines):
+        raise GridError(f"baselines: repeated {baselines}")
+
+    split_seed = data.get("split-seed", 0)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise GridError(f"split-seed: expected an integer >= 0, got {split_seed!r}")
+    cache = data.get("cache", "auto")
+    if cache not in CACHE_MODES:
+        raise GridError(f"cache: {cache!r} is not allowed; expected {' | '.join(CACHE_MODES)}")
+    device = data.get("device", "auto")
+    if not isinstance(device, str):
+        raise GridError(f"device: expected auto, cpu, cuda, cuda:1 ..., got {device!r}")
+    workers = data.get("workers", 2)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise GridError(f"workers: expected an integer >= 0, got {workers!r}")
+    if not axes and not configs and not baselines:
+        raise GridError("nothing to run: give grid axes, configs or baselines")
+
+    return GridConfig(
+        store=store, out=out, base=base, axes=tuple(axes), configs=configs, exclude=tuple(exclude),
+        seeds=tuple(seeds), baselines=tuple(baselines), split_seed=split_seed, cache=cache, device=device,
+        workers=workers, source=source,
+    )  # fmt: skip
+
+
+def _is_option(key: Any) -> bool:
+    try:
+        _lookup(key, "")
+        return True
+    except GridError:
+        return False
+
+
+def load_grid(path, *, store_override=None, out_override=None) -> GridConfig:
+    """Read and validate a grid YAML file; ``store_override``/``out_override`` (the command
+    line's) replace its ``store``/``out``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"{path}: grid file not found") from None
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+    return parse_grid(data, source=str(path), store_override=store_override, out_override=out_override)
+
+
+# --- cells ------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v is None:
+        return "none"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _readable(overrides: dict[str, Any]) -> str:
+    name = "-".join(f"{key_name(k)}{_fmt(v)}" for k, v in overrides.items()) or "base"
+    return name[:48].rstrip("-")
+
+
+def train_config(grid: GridConfig, head: str, overrides: dict[str, Any], *, seed: int = 0, out: str = "") -> TrainConfig:
+    """The TrainConfig of one run: base, then the cell's overrides, via dataclasses.replace."""
+    cfg = TrainConfig(store=grid.store, out=out, head=head, seed=seed, cache=grid.cache,
+                      device=grid.device, workers=grid.workers, resume=True)  # fmt: skip
+    return replace(replace(cfg, **grid.base), **overrides)
+
+
+def cell_hash(cfg: TrainConfig, fingerprint: str | None) -> str:
+    """Hash of what a run computes: the head and every TrainConfig field but where and how
+    it runs, plus the store's fingerprint. Changing base or the store gives new run folders."""
+    what = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_FIELDS}
+    what.update(head=cfg.head, store=fingerprint)
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def expand(grid: GridConfig, fingerprint: str | None = None) -> list[Cell]:
+    """Cells in run order: the grid product (first axis outermost) without exclusions, then
+    ``configs``, then baselines. Raises GridError on two cells with the same config."""
+    cells: list[Cell] = []
+    names = [f for f, _ in grid.axes]
+    for values in itertools.product(*(v for _, v in grid.axes)) if grid.axes else ():
+        ov = dict(zip(names, values))
+        if any(all(ov[k] in vs for k, vs in rule.items()) for rule in grid.exclude):
+            continue
+        origin = "grid cell " + ", ".join(f"{key_name(k)}={_fmt(v)}" for k, v in ov.items())
+        cells.append(_cell("grid", "spool", ov, origin, grid, fingerprint))
+    for i, ov in enumerate(grid.configs):
+        cells.append(_cell("config", "spool", ov, f"configs[{i}]", grid, fingerprint))
+    for i, b in enumerate(grid.baselines):
+        cells.append(_cell("baseline", b, {}, f"baselines[{i}] ({b})", grid, fingerprint))
+    seen: dict[str, str] = {}
+    for c in cells:
+        if c.id in seen:
+            raise GridError(f"{c.origin} trains the same configuration as {seen[c.id]}; drop one")
+        seen[c.id] = c.origin
+    if not cells:
+        raise GridError("exclude drops every cell of the grid and there are no configs or baselines: nothing to run")
+    return cells
+
+
+def _cell(kind, head, overrides, origin, grid, fingerprint) -> Cell:
+    h = cell_hash(train_config(grid, head, overrides), fingerprint)
+    name = head if kind == "baseline" else _readable(overrides)
+    return Cell(id=f"{name}-{h}", kind=kind, head=head, overrides=overrides, origin=origin)
+
+
+def columns(grid: GridConfig) -> list[str]:
+    """The TrainConfig fields shown per row: the grid axes, then fields the configs set."""
+    cols = [f for f, _ in grid.axes]
+    for ov in grid.configs:
+        cols += [f for f in ov if f not in cols]
+    return cols
