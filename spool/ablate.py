@@ -78,7 +78,7 @@ class AblationResult:
 def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
     """Every cell and run of the grid, each cell's TrainConfig and head config built with the
     store's shapes: raises GridError (naming the cell) before anything is trained."""
-    from spool.data import FeatureSetError, pooled_num_tokens
+    from spool.data import FeatureSetError, assign_splits, pooled_num_tokens
     from spool.stores import StoreError, open_store
     from spool.train import TrainError, make_head_config
 
@@ -87,6 +87,12 @@ def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
     except (StoreError, FileNotFoundError) as err:
         raise GridError(f"store: {err}") from None
     with store:
+        t = store.clips()
+        val_fraction = grid.base.get("val_fraction", TrainConfig.val_fraction)
+        try:  # the one split every run trains and evaluates on (load_features draws the same)
+            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed)
+        except (FeatureSetError, ValueError) as err:
+            raise GridError(f"{_source(grid)}{grid.store}: cannot split the store for training: {err}") from None
         fingerprint = store.attrs.get("fingerprint")
         shapes = dict(in_dim=store.dim, num_frames=store.num_frames, num_classes=len(store.class_names))
         num_tokens = store.num_tokens

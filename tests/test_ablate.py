@@ -192,6 +192,10 @@ def test_impossible_combination_is_caught_with_the_store_shapes(store, tmp_path)
     grid_error(tmp_path, store, r"grid cell heads=3 with base .*not divisible by num_heads=3", grid={"heads": [2, 3]}, base=no_heads)
     # token_pool 3 does not tile the store's 2 x 2 patch grid
     grid_error(tmp_path, store, r"configs\[0\].*token_pool", configs=[{"token-pool": 3}])
+    # a store too small to draw a val split of val-fraction 0.2 (5 folds) from
+    small = tmp_path / "small.zarr"
+    make_store(small, num_videos=3, num_classes=2, T=4, L=4, D=8).close()
+    grid_error(tmp_path, str(small), r"small.zarr: cannot split the store for training")
 
 
 def test_unknown_baseline(store, tmp_path):
