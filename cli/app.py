@@ -82,6 +82,8 @@ def extract(
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {video_id}: {reason}")
+        if result.short:
+            console.print(f"  [yellow]{result.short} videos are shorter than one clip[/]: frames repeat (see frame_indices)")
         if result.missing:
             shown = ", ".join(result.missing[:5])
             console.print(f"  [yellow]{len(result.missing)} listed videos are not on disk[/] (skipped), e.g. {shown}")
@@ -125,6 +127,8 @@ def _print_summary(summary: dict, out: Console) -> None:
     )
     out.print(f"clips (T, L, D) = ({t}, {l}, {d}), sampling {attrs.get('sampling')}")
     out.print(f"videos {summary['num_videos']}: {summary['status']}; {summary['done_clips']} clips with features")
+    if summary.get("short_videos"):
+        out.print(f"{summary['short_videos']} done videos are shorter than one clip: their frames repeat")
     out.print(f"on disk {summary['bytes_on_disk'] / 2**20:.1f} MiB")
     table = Table("split", "done videos")
     for split, n in summary["done_videos_per_split"].items():

@@ -83,6 +83,7 @@ class ExtractResult:
     seconds: float = 0.0
     frames: int = 0
     missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
+    short: int = 0  # videos shorter than one clip: frames repeat (spool.sampling documents the rule)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
 
     @property
@@ -242,6 +243,7 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
                         d.fps,
                     )
                     result.done += 1
+                    result.short += int(d.short)
                     result.frames += clips * frames
                     bar.advance(frames=clips * frames)
                 else:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from spool.sampling import clip_span
 from spool.stores.base import DONE, FAILED, NO_SPLIT, SPLIT_NAMES, STATUS_NAMES, FeatureStore
 
 
@@ -38,6 +39,11 @@ def summarize(store: FeatureStore, max_failures: int = 20) -> dict[str, Any]:
     labeled = done & (v.label >= 0)
     class_counts = np.bincount(v.label[labeled], minlength=len(class_names))
     failed = np.flatnonzero(v.status == FAILED)
+    sampling = store.attrs.get("sampling")  # written by spool extract; absent in hand-made stores
+    short = None
+    if sampling:
+        span = clip_span(int(sampling["frames"]), sampling.get("stride"))
+        short = int(np.sum(done & (v.num_frames < span)))
     return {
         "path": str(store.path),
         "attrs": dict(store.attrs),
@@ -49,6 +55,7 @@ def summarize(store: FeatureStore, max_failures: int = 20) -> dict[str, Any]:
         "done_videos_per_split": per_split,
         "done_videos_per_class": {name: int(n) for name, n in zip(class_names, class_counts)},
         "done_videos_unlabeled": int(np.sum(done & (v.label < 0))),
+        "short_videos": short,  # DONE videos with fewer frames than one clip spans: frames repeat
         "num_failed": int(failed.size),
         "failures": [{"video_id": str(v.video_id[i]), "reason": str(v.error[i])} for i in failed[:max_failures]],
         "bytes_on_disk": bytes_on_disk(store.path),

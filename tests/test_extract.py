@@ -228,3 +228,21 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_store(small_toy, s
         second = subprocess.run(_extract_cmd(small_toy, out), env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert "spool extract" in second.stderr and str(os.getpid()) in second.stderr, second.stderr
+
+
+def test_short_videos_repeat_frames_and_are_counted(tmp_path):
+    from spool.stores.summary import summarize
+    from spool.toy import write_video
+
+    src = tmp_path / "short"
+    rng = np.random.default_rng(0)
+    write_video(src / "a" / "three_frames.mp4", rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
+    write_video(src / "a" / "ten_frames.mp4", rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8))
+    result = _extract(src, tmp_path / "short.zarr")  # T = 4
+    assert result.done == 2 and result.short == 1
+    with open_store(tmp_path / "short.zarr") as store:
+        v, c = store.videos(), store.clips()
+        short = list(v.video_id).index("a/three_frames.mp4")
+        assert v.num_frames[short] == 3
+        assert sorted(set(c.frame_indices[short].tolist())) == [0, 1, 2]  # 4 indices over 3 frames: one repeats
+        assert summarize(store)["short_videos"] == 1
