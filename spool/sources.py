@@ -8,7 +8,8 @@ root, so ``a/000.mp4`` and ``b/000.mp4`` never collide), integer labels indexing
 * ``folder``   ``SRC/<class>/**/<video>``; files directly in SRC are unlabeled. Video
   files are found by extension (``VIDEO_EXTENSIONS``, any case). Directories named like
   videos (``x.mp4/``) are searched, not listed, and hidden files (``._x.mp4``, macOS
-  metadata) are skipped.
+  metadata) are skipped. Broken symlinks and symlink loops named like videos go to
+  ``VideoSource.missing``. Ids of non-UTF-8 file names spell the bad bytes as ``\\xNN``.
 * ``list``     SRC is a ``.txt``/``.csv`` list file, one ``<path> <label>`` per line
   (V-JEPA / mmaction); paths relative to the list file's folder; blank lines and
   ``#`` comments skipped; ``--labels-file`` names the classes (one per line, or JSON
@@ -86,9 +87,12 @@ def split_from_name(name: str) -> str | None:
 
 def _video_id(path: Path, root: Path) -> str:
     try:
-        return path.relative_to(root).as_posix()
+        vid = path.relative_to(root).as_posix()
     except ValueError:  # a list file may name videos outside its folder
-        return path.as_posix()
+        vid = path.as_posix()
+    # A file name that is not valid UTF-8 reaches Python with surrogate escapes, which no
+    # store can hold as text; its id spells the raw bytes as \xNN (the entry keeps the real path).
+    return vid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _finish(root: Path, fmt: str, entries: Iterable[VideoEntry], class_names: list[str], missing: list[str], origin: str) -> VideoSource:
@@ -118,14 +122,19 @@ def _lines(path: Path) -> Iterable[tuple[int, str]]:
 
 def load_folder(root: Path) -> VideoSource:
     root = Path(root).resolve()
-    files = [p for p in root.rglob("*") if is_video_file(p)]
+    files, dangling = [], []
+    for p in root.rglob("*"):
+        if is_video_file(p):
+            files.append(p)
+        elif p.is_symlink() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.exists():
+            dangling.append(_video_id(p, root))  # a broken symlink or a symlink loop: reported, not lost
     class_names = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     index = {name: i for i, name in enumerate(class_names)}
     entries = []
     for p in files:
         parts = p.relative_to(root).parts
         entries.append(VideoEntry(p, _video_id(p, root), index[parts[0]] if len(parts) > 1 else -1, None))
-    return _finish(root, "folder", entries, class_names, [], str(root))
+    return _finish(root, "folder", entries, class_names, sorted(dangling), str(root))
 
 
 # ----------------------------------------------------------------------------- list file
