@@ -74,6 +74,11 @@ def _check_file(path: Path) -> None:
         raise DecodeError(f"not a file (a directory?): {path}")
     if path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
+    try:  # permissions, I/O errors: otherwise reported by PyAV as "not a video"
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise DecodeError(f"cannot read file: {err.strerror or _one_line(err)}") from err
 
 
 def _one_line(err: BaseException) -> str:
@@ -109,6 +114,8 @@ def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: 
     for start in range(0, len(wanted), 8):
         chunk = wanted[start : start + 8]
         batch = vr.get_batch(chunk).asnumpy()
+        if batch.shape[-1] != 3:  # decord's 180-degree rotation returns 4 garbled channels
+            raise DecodeError(f"decord returned {batch.shape[-1]}-channel frames (a rotated video?)")
         for idx, frame in zip(chunk, batch):
             decoded[idx] = resize_center_crop(frame, size)
     return DecodedVideo(_assemble(decoded, indices, size), indices, n, float(vr.get_avg_fps()), "decord", is_short(n, frames, stride))
@@ -173,7 +180,9 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, size: in
             for count, frame in enumerate(container.decode(stream), start=1):
                 idx = count - 1
                 if idx in wanted:
-                    decoded[idx] = resize_center_crop(frame.to_ndarray(format="rgb24"), size)
+                    # Display orientation, as decord gives it: turn by the container's rotation.
+                    rgb = np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4)
+                    decoded[idx] = resize_center_crop(np.ascontiguousarray(rgb), size)
                 if idx >= last:
                     break
         except av.FFmpegError as err:
