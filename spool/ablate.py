@@ -22,7 +22,7 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,7 @@ def _load_group(grid: GridConfig, token_pool: int, heads: set[str], device: str 
     inputs = tuple(sorted({i for h in heads for i in HEAD_INPUTS[h]}))
     cfg = train_config(grid, "spool", {"token_pool": token_pool}, seed=grid.split_seed)
     if device is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "device": device})
+        cfg = replace(cfg, device=device)
     features, _ = load_features(cfg, inputs=inputs)
     return features
 
@@ -199,7 +199,7 @@ def _worker_run(run: Run) -> dict:
     if pool not in feats:
         feats[pool] = _load_group(_WORKER["grid"], pool, _WORKER["heads"][pool], _WORKER["device"])
     if _WORKER["device"] is not None:
-        run = Run(run.cell, run.seed, run.dir, TrainConfig(**{**asdict(run.cfg), "device": _WORKER["device"]}))
+        run = replace(run, cfg=replace(run.cfg, device=_WORKER["device"]))
     return _train(run, feats[pool])
 
 

@@ -210,17 +210,18 @@ def _list(data: Any, path: str, *, allow_scalar: bool = False) -> list:
 # --- parsing ----------------------------------------------------------------------------
 
 
-def parse_grid(data: Any, *, source: str | None = None, store_override=None, out_override=None) -> GridConfig:
+def parse_grid(data: Any, *, source: str | None = None, **overrides) -> GridConfig:
     """A GridConfig from the parsed YAML of a grid file; every key, type and value is checked
-    here (combinations that need the store's shapes are checked by ``expand`` + validate)."""
+    here (combinations that need the store's shapes are checked by spool.ablate.plan_ablation).
+    ``overrides``: see ``load_grid``."""
     where = f"{source}: " if source else ""
     try:
-        return _parse(_mapping(data, "grid file"), source, store_override, out_override)
+        return _parse(_mapping(data, "grid file"), source, **overrides)
     except GridError as err:
         raise GridError(f"{where}{err}") from None
 
 
-def _parse(data: dict, source, store_override, out_override) -> GridConfig:
+def _parse(data: dict, source, store_override=None, out_override=None, cache_override=None, device_override=None) -> GridConfig:
     for key in data:
         if key not in TOP_KEYS and str(key).replace("_", "-") not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
@@ -228,6 +229,8 @@ def _parse(data: dict, source, store_override, out_override) -> GridConfig:
             options = f" ({key!r} is a train-head option: put it under base or grid)" if _is_option(key) else ""
             raise GridError(f"unknown top-level key {key!r}{hint}{options}; allowed: {', '.join(TOP_KEYS)}")
     data = {str(k).replace("_", "-"): v for k, v in data.items()}
+    # the command line's --cache / --device win over the file's (what is computed stays the same)
+    data.update({k: v for k, v in (("cache", cache_override), ("device", device_override)) if v is not None})
 
     def path_value(key):
         v = data.get(key)
@@ -321,9 +324,9 @@ def _is_option(key: Any) -> bool:
         return False
 
 
-def load_grid(path, *, store_override=None, out_override=None) -> GridConfig:
-    """Read and validate a grid YAML file; ``store_override``/``out_override`` (the command
-    line's) replace its ``store``/``out``."""
+def load_grid(path, *, store_override=None, out_override=None, cache_override=None, device_override=None) -> GridConfig:
+    """Read and validate a grid YAML file; the ``*_override`` values (the command line's, None
+    for not given) replace its ``store``, ``out``, ``cache`` and ``device``."""
     import yaml
 
     path = Path(path)
@@ -333,7 +336,10 @@ def load_grid(path, *, store_override=None, out_override=None) -> GridConfig:
         raise GridError(f"{path}: grid file not found") from None
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML: {err}") from None
-    return parse_grid(data, source=str(path), store_override=store_override, out_override=out_override)
+    return parse_grid(
+        data, source=str(path), store_override=store_override, out_override=out_override,
+        cache_override=cache_override, device_override=device_override,
+    )  # fmt: skip
 
 
 # --- cells ------------------------------------------------------------------------------

@@ -211,6 +211,10 @@ def test_keys_accept_cli_and_field_spellings():
     assert parse_grid({"store": "s", "out": "o", "base": {"lr": "1e-3"}, "grid": {"depth": [1]}}).base["lr"] == 1e-3
     over = parse_grid({"out": "o", "grid": {"depth": [1]}}, store_override="t.zarr", out_override="p")
     assert (over.store, over.out) == ("t.zarr", "p")
+    over = parse_grid({"out": "o", "store": "s", "cache": "none", "grid": {"depth": [1]}}, cache_override="memory")
+    assert over.cache == "memory"
+    with pytest.raises(GridError, match=r"cache: 'disk' is not allowed; expected auto \| none \| memory \| gpu"):
+        parse_grid({"out": "o", "store": "s", "grid": {"depth": [1]}}, cache_override="disk")
     with pytest.raises(GridError, match="store: missing"):
         parse_grid({"out": "o", "grid": {"depth": [1]}})
 
