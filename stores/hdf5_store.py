@@ -129,6 +129,17 @@ def create_hdf5(
     return HDF5FeatureStore(path, "a", _lock=lock)
 
 
+def _open_writer(path: Path) -> h5py.File:
+    """Open for writing without HDF5's sieve buffer, so every raw write reaches the file (or
+    fails, e.g. on a full disk) in the call that makes it. With the buffer, a failed flush
+    leaves dirty data that HDF5 retries at close and again at exit, where it crashes."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)  # h5py.File's defaults
+    fapl.set_file_locking(False, ignore_when_disabled=False)  # locking=False, see HDF5FeatureStore.__init__
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl))
+
+
 class HDF5FeatureStore(FeatureStore):
     def __init__(self, path: str | Path, mode: str = "r", *, _lock: WriterLock | None = None):
         self.path = Path(path)
@@ -143,7 +154,7 @@ class HDF5FeatureStore(FeatureStore):
             try:
                 # HDF5's own file lock is off: writers are serialised by our lock file, and readers
                 # must be able to open while `spool extract` writes (and within the same process).
-                self._file = h5py.File(self.path, "r+" if mode == "a" else "r", locking=False)
+                self._file = _open_writer(self.path) if mode == "a" else h5py.File(self.path, "r", locking=False)
             except OSError as e:
                 raise StoreError(f"{self.path} cannot be opened as HDF5 ({e}); create it with create_store") from None
             try:
