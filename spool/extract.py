@@ -8,6 +8,7 @@ background thread that writes finished videos into the store.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import sys
 import threading
@@ -189,7 +190,12 @@ def run_extract(
     progress: bool = True,
     on_video_written: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    """Extract features for every pending video of `cfg.source` into `cfg.out`."""
+    """Extract features for every pending video of `cfg.source` into `cfg.out`.
+
+    Ctrl-C (KeyboardInterrupt) is re-raised after the videos already computed are written
+    and the store is closed; the videos in flight stay PENDING, so re-running resumes.
+    A failed store write (disk full) raises StoreError; the store stays resumable.
+    """
     source = load_source(
         Path(cfg.source),
         split_files=[Path(p) for p in cfg.split_files],
@@ -253,6 +259,13 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
                     bar.advance(failed=True)
                 if on_video_written is not None:
                     on_video_written(video_index)
+            except OSError as err:  # disk full, quota, I/O error: the commit protocol kept the store whole
+                why = f"[Errno {err.errno}] {os.strerror(err.errno)}" if err.errno else " ".join(str(err).split())
+                write_error.append(StoreError(
+                    f"writing {cfg.out} failed at video {entries[video_index].video_id!r}: {why}. "
+                    "The store keeps every video finished before it (it opens and resumes); "
+                    "free space or fix the disk, then re-run the same command."
+                ))
             except BaseException as err:  # surfaced in the main thread below
                 write_error.append(err)
 
