@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -225,6 +226,9 @@ def read_video(path: Path | str, *, frames: int, clips: int = 1, stride: int | N
 
 def _worker_main(conn: multiprocessing.connection.Connection, read_fn: Callable[..., DecodedVideo], kwargs: dict[str, Any]) -> None:
     """Worker process: decode jobs from ``conn`` one at a time until it receives None."""
+    # Ctrl-C reaches the whole process group; the parent shuts the workers down. A worker
+    # killed by it would otherwise be reported as "decoder crashed" and its video marked failed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(("ready", None, None))
     while True:
         job = conn.recv()
