@@ -225,6 +225,46 @@ def train_head(
         console.print(f"{out}: top-1 {100 * result.top1:.1f}% (best epoch {result.best.get('epoch')})")
 
 
+@app.command()
+def ablate(
+    grid_file: Annotated[
+        Path, typer.Argument(help="Grid YAML: store, out, base, grid, exclude, configs, seeds, baselines (docs/ablate.md).")
+    ],
+    store: Annotated[Optional[Path], typer.Option(help="Feature store; overrides the file's `store`.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder; overrides the file's `out`.")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs in parallel processes (one GPU each on a multi-GPU machine).")] = 1,
+    cache: Annotated[Optional[str], typer.Option(help="auto | none | memory | gpu; overrides the file's `cache`.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...; overrides the file's `device`.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a grid of heads on one feature cache. Resumable: re-run to finish what is missing.
+
+    The grid file is validated whole before anything trains: base (train-head options for
+    every run), grid (axes whose cartesian product gives the cells), exclude, configs (extra
+    cells), seeds, baselines (mean-linear, attentive-probe). Writes results.csv, results.json,
+    summary.md and plots into `out`.
+    """
+    from spool.ablate import print_plan, run_ablation
+    from spool.data import FeatureSetError
+    from spool.grid import load_grid
+    from spool.stores import StoreError
+    from spool.train import TrainError
+
+    try:
+        grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
+                         device_override=device)  # fmt: skip
+        result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
+    except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError) as err:
+        _fail(err)
+    if dry_run:
+        print_plan(result, Console())
+        return
+    if result.failed:
+        console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
+        raise typer.Exit(1)
+
+
 @app.command("show-mask")
 def show_mask(
     frames: Annotated[int, typer.Option(help="Frames per clip (T).")] = 8,

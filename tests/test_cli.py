@@ -77,3 +77,28 @@ def test_info_json_counts_done_and_failed_videos(tmp_path):
     assert text.exit_code == 0 and "zero frames" in text.output
     missing = runner.invoke(app, ["info", str(tmp_path / "none.zarr")])
     assert missing.exit_code == 2 and "no store" in missing.output
+
+
+def test_ablate_dry_run_lists_cells_and_a_bad_grid_runs_nothing(monkeypatch, tmp_path):
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    n = 8
+    with create_store(path, video_ids=[f"v{i}.mp4" for i in range(n)], labels=[i % 2 for i in range(n)],
+                      splits=[0] * 6 + [1] * 2, class_names=["a", "b"], clips_per_video=1, num_frames=2,
+                      num_tokens=4, dim=8, attrs={}) as store:
+        for v in range(n):
+            store.write_video(v, rng.standard_normal((1, 2, 4, 8)).astype(np.float16),
+                              rng.standard_normal((1, 2, 8)).astype(np.float16), np.array([[0, 1]]), 2, 25.0)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 1, 2]\n  range: [1, 2]\nseeds: [0, 1]\n")
+    out = tmp_path / "abl"
+    result = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "6 cells x 2 seeds = 12 runs" in " ".join(result.output.split())
+    assert not (out / "results.csv").exists()
+
+    grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 3]\n")
+    bad = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out)])
+    assert bad.exit_code == 2
+    assert "lookahead" in bad.output
+    assert not (out / "results.csv").exists()
