@@ -195,10 +195,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # No weight decay on biases, norms, embeddings and query tokens (anything not a matrix).
+    # Weight decay on the weight matrices of linear layers only: not on biases, norms,
+    # embeddings (time_embed, C_start/C_end are 2-D but are not weights of a layer) and query tokens.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim == 2]
-    other = [p for p in params if p.ndim != 2]
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay = [p for p in params if id(p) in linear]
+    other = [p for p in params if id(p) not in linear]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
     )

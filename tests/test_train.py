@@ -15,6 +15,7 @@ from spool.train import (
     TrainError,
     load_features,
     lr_factor,
+    make_optimizer,
     resolve_lookahead,
     train_head,
 )
@@ -173,6 +174,19 @@ def test_shared_feature_set_gives_the_same_run(store_path, tmp_path):
     assert reads == []
     with pytest.raises(TrainError, match="token_pool"):
         train_head(config(store_path, tmp_path / "pool", token_pool=2), features=features, progress=False)
+
+
+def test_weight_decay_only_on_linear_weights():
+    from spool.model import HeadConfig, SpoolHead
+
+    model = SpoolHead(HeadConfig(in_dim=8, num_frames=4, num_tokens=4, num_classes=2, dim=8, depth=1, num_heads=2, num_lookahead_heads=1), device="cpu")
+    decay, other = make_optimizer(model, lr=1e-3, weight_decay=0.05).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    # the temporal embedding and the context frames are 2-D but are embeddings, not layer weights
+    assert {"framing.time_embed", "framing.start", "framing.end"} <= {names[id(p)] for p in other["params"]}
+    assert decayed == {n for n, p in model.named_parameters() if n.endswith(".weight") and p.ndim == 2}
+    assert decay["weight_decay"] == 0.05 and other["weight_decay"] == 0.0
 
 
 def test_schedule_and_lookahead_resolution():
