@@ -377,7 +377,13 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
                 "Resume with the same options, or train into a new --out."
             )
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:  # parameter groups made by another Spool version
+            raise ResumeMismatchError(
+                f"{last_path}: its optimizer state does not fit this Spool's optimizer ({err}); "
+                "it was written by another Spool version. Train into a new --out."
+            ) from err
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
