@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import queue
+import re
 import signal
 import threading
 import time
@@ -80,6 +81,9 @@ def _check_file(path: Path) -> None:
             f.read(1)
     except OSError as err:
         raise DecodeError(f"cannot read file: {err.strerror or _one_line(err)}") from err
+
+
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
 def _one_line(err: BaseException) -> str:
@@ -208,7 +212,9 @@ def read_video(path: Path | str, *, frames: int, clips: int = 1, stride: int | N
         except DecodeError as err:
             decord_reason = str(err)
         except Exception as err:  # decord raises bare RuntimeErrors/DECORDErrors for bad data
-            decord_reason = _one_line(err)
+            # drop decord's "[12:34:56] /src/.../video_reader.cc:151: " log prefix: a clock time
+            # in the reason would make two extractions of the same files differ
+            decord_reason = _one_line(Exception(_DECORD_PREFIX.sub("", str(err))))
         try:
             return _read_pyav(path, frames, clips, stride, size)
         except Exception as err:
