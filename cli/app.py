@@ -75,6 +75,9 @@ def extract(
         result = run_extract(cfg, command=_command_line(), progress=not quiet)
     except (ValueError, FileNotFoundError, StoreError, WeightsError) as err:
         _fail(err)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/] {out} keeps every finished video; re-run the same command to resume")
+        raise typer.Exit(130)
     if not quiet:
         console.print(
             f"{out}: {result.done} extracted, {result.failed} failed, {result.skipped} already done "
@@ -146,6 +149,39 @@ def _print_summary(summary: dict, out: Console) -> None:
         out.print(failures)
         if summary["num_failed"] > len(summary["failures"]):
             out.print(f"... and {summary['num_failed'] - len(summary['failures'])} more failures (--json lists them)")
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="A feature store (.zarr or .h5).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Read every DONE video's features back; name each missing or damaged chunk. Exit 1 if any."""
+    from spool.stores import StoreError
+    from spool.stores.verify import verify as verify_store
+
+    try:
+        report = verify_store(store)
+    except StoreError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        out = Console()
+        out.print(
+            f"{report.path}: {report.num_videos} videos ({report.done} done, {report.failed} failed, "
+            f"{report.pending} pending), {report.clips_checked} clips checked"
+        )
+        for p in report.problems[:50]:
+            out.print(f"  [red]{p.kind}[/] {p.where}: {p.message}" + (f" (video {p.video_id})" if p.video_id else ""))
+        if len(report.problems) > 50:
+            out.print(f"  ... {len(report.problems) - 50} more (--json lists them)")
+        if report.ok:
+            out.print("[green]ok[/]")
+        else:
+            out.print(f"[bold red]{len(report.problems)} problems in {len(report.bad_videos)} videos[/]")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("make-toy")

@@ -102,3 +102,21 @@ def test_ablate_dry_run_lists_cells_and_a_bad_grid_runs_nothing(monkeypatch, tmp
     assert bad.exit_code == 2
     assert "lookahead" in bad.output
     assert not (out / "results.csv").exists()
+
+
+def test_verify_names_a_missing_chunk_and_exits_1(tmp_path):
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    with create_store(path, video_ids=["a.mp4", "b.mp4"], labels=[0, 1], splits=[0, 1], class_names=["a", "b"],
+                      clips_per_video=1, num_frames=2, num_tokens=4, dim=8, attrs={}) as store:
+        for v in range(2):
+            store.write_video(v, rng.standard_normal((1, 2, 4, 8)).astype(np.float16),
+                              rng.standard_normal((1, 2, 8)).astype(np.float16), np.array([[0, 1]]), 2, 25.0)
+    ok = runner.invoke(app, ["verify", str(path)])
+    assert ok.exit_code == 0, ok.output
+    (path / "patches" / "c" / "1" / "0" / "0" / "0").unlink()
+    bad = runner.invoke(app, ["verify", str(path), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)
+    assert any("patches/c/1/0/0/0" in p["where"] for p in report["problems"])
+    assert any(p["video_id"] == "b.mp4" for p in report["problems"])

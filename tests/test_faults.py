@@ -183,7 +183,6 @@ def test_ctrl_c_leaves_a_resumable_store_and_marks_nothing_failed(interrupted, t
     _assert_same_content(reference, out)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the CLI to map KeyboardInterrupt to exit 130 (cli/app.py, see docs/reliability.md)")
 def test_ctrl_c_exits_130(interrupted):
     returncode, stderr, _ = interrupted
     assert returncode == 130, stderr
