@@ -94,13 +94,21 @@ def resolve_backend(requested: str, device, needs_grad: bool) -> str:
 
 
 class ContextFraming(nn.Module):
-    """(B, T, L, D_in) -> (B, F*L, dim): projection, temporal embedding, C_start/C_end frames."""
+    """(B, T, L, D_in) -> (B, F*L, dim): input standardisation, projection, temporal embedding, C_start/C_end frames."""
 
     def __init__(self, in_dim, dim, num_frames, num_tokens, context_frames):
         super().__init__()
+        # Frozen ViT features are LayerNormed per token but keep large per-dimension offsets
+        # shared by every token, which swamp the small frame-to-frame changes the head must
+        # read. Standardising each input dimension with dataset statistics (as linear probes
+        # do) removes them. Measured on the time-reversal toy: docs/benchmarks.md "Temporal toy".
+        self.input_norm = nn.BatchNorm1d(in_dim, affine=False)
         self.proj = nn.Linear(in_dim, dim)
+        # Unit scale, like sinusoidal position encodings, and the scale of the projected content
+        # (see SpoolHead): at the usual 0.02 the frame position is lost in the content and the
+        # head starts out blind to order.
         self.time_embed = nn.Parameter(torch.zeros(num_frames, dim))  # one per frame, shared by its L tokens
-        nn.init.trunc_normal_(self.time_embed, std=0.02)
+        nn.init.trunc_normal_(self.time_embed, std=1.0, a=-2.0, b=2.0)
         if context_frames:
             # Learned start and end frames, shared over the batch, one vector per token position.
             self.start = nn.Parameter(torch.zeros(num_tokens, dim))
@@ -110,8 +118,9 @@ class ContextFraming(nn.Module):
         self.context_frames = context_frames
 
     def forward(self, patches):
-        B = patches.shape[0]
-        x = self.proj(patches) + self.time_embed[:, None, :]  # (B, T, L, dim)
+        B, T, L, D = patches.shape
+        x = self.input_norm(patches.reshape(B * T * L, D)).view(B, T, L, D)
+        x = self.proj(x) + self.time_embed[:, None, :]  # (B, T, L, dim)
         if self.context_frames:
             start = self.start.expand(B, 1, -1, -1)  # (B, 1, L, dim)
             end = self.end.expand(B, 1, -1, -1)
@@ -240,6 +249,9 @@ class SpoolHead(nn.Module):
         self.blocks = nn.ModuleList([BTTBlock(cfg, self.backend) for _ in range(cfg.depth)])
         self.pool = ContextPooling(cfg.width, cfg.num_classes, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
         self.apply(_init_weights)
+        # Variance-preserving input projection: standardised inputs come out at unit scale,
+        # the scale of the temporal embedding, whatever in_dim is.
+        nn.init.trunc_normal_(self.framing.proj.weight, std=cfg.in_dim**-0.5, a=-2 * cfg.in_dim**-0.5, b=2 * cfg.in_dim**-0.5)
         self.to(device)
 
     def forward(self, patches):

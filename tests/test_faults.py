@@ -151,17 +151,33 @@ def test_nan_features_are_named_by_verify_and_stop_training(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def interrupted(toy, tmp_path_factory):
-    """(returncode, stderr, store) of a CLI extract that got Ctrl-C while extracting."""
+def long_toy(tmp_path_factory) -> Path:
+    """More videos than `toy`, so that Ctrl-C lands between the first finished video and the last."""
+    from spool.toy import make_toy
+
+    root = tmp_path_factory.mktemp("long_toy")
+    make_toy(root, videos_per_class=8, num_frames=12, size=32, seed=2)  # 48 videos
+    return root
+
+
+@pytest.fixture(scope="module")
+def interrupted(long_toy, tmp_path_factory):
+    """(returncode, stderr, store) of a CLI extract that got Ctrl-C after its first finished video."""
     out = tmp_path_factory.mktemp("interrupted") / "interrupted.zarr"
     # start_new_session: SIGINT goes to the extract's process group (as a terminal's Ctrl-C
     # does, decode workers included), not to pytest
-    proc = subprocess.Popen(_cli_extract(toy, out, "--workers", "1"), env=ENV, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_cli_extract(long_toy, out, "--workers", "1"), env=ENV, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / "status").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)  # the store exists: the backbone is loaded and decoding starts
-    time.sleep(0.5)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "status").exists():
+            try:
+                with open_store(out) as store:  # readers take no lock
+                    if (store.videos().status == DONE).any():
+                        break
+            except Exception:  # the store may be mid-creation
+                pass
+        time.sleep(0.02)
     sent = proc.poll() is None
     if sent:
         os.killpg(proc.pid, signal.SIGINT)
@@ -170,16 +186,19 @@ def interrupted(toy, tmp_path_factory):
     return proc.returncode, stderr, out
 
 
-def test_ctrl_c_leaves_a_resumable_store_and_marks_nothing_failed(interrupted, toy, reference):
+def test_ctrl_c_leaves_a_resumable_store_and_marks_nothing_failed(interrupted, long_toy, tmp_path):
     returncode, stderr, out = interrupted
     assert returncode != 0
     with open_store(out) as store:
         status = store.videos().status
     assert not (status == FAILED).any(), "an interrupted video was recorded as failed"
     assert (status == PENDING).any(), "nothing was left to resume; the test proves nothing"
+    assert (status == DONE).any(), "Ctrl-C came before any video finished"
     report = verify(out)
     assert report.ok, report.problems
-    _extract(toy, out)  # the same options, in-process: resumes
+    _extract(long_toy, out)  # the same options, in-process: resumes
+    reference = tmp_path / "reference.zarr"
+    _extract(long_toy, reference)
     _assert_same_content(reference, out)
 
 

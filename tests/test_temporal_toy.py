@@ -12,8 +12,9 @@ default per-video split a video's reversed twin is usually in train with the oth
 so a head that memorises appearance (background, colour) scores *below* chance on direction
 (measured 10% val direction accuracy), which says nothing about temporal modelling.
 
-The Spool half is a strict xfail: it documents a known gap (see its reason) and turns into
-a failure, to be unmarked, once the head learns direction here.
+The Spool head learns direction here because its input is standardised per dimension and
+its temporal embedding starts at the scale of the projected content (spool/model.py,
+ContextFraming); with the earlier defaults it stayed at exactly 0.50.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from spool.toy import TOY_PAIRS, make_toy
 from spool.train import TrainConfig, load_features, train_head
 
 FRAMES = 8  # the toy's length and the extracted T: twins' features are exact reversals
-VIDEOS_PER_CLASS = 6
+VIDEOS_PER_CLASS = 12
 VAL_NUMBERS = (0, 1)  # video numbers held out, for every class: 12 eval videos, 6 twin pairs
 
 
@@ -89,18 +90,14 @@ def test_mean_pooling_cannot_tell_direction(toy_features, tmp_path):
     assert acc == pytest.approx(0.5, abs=0.05), result.final["confusion_matrix"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the Spool head stays at chance on direction here (0.50 on seeds 0-2, "
-    "also with 100 epochs). At init reversing a clip moves its logits ~100x less than changing "
-    "the video: the temporal embedding (std 0.02) is ~20x smaller than the projected features "
-    "(0.02 * sqrt(384) ~ 0.4), which are dominated by a per-dimension offset shared by all "
-    "tokens. Measured with 100 epochs: standardising the input per dimension AND a temporal "
-    "embedding of std 1 reach 0.75-0.89; either alone 0.33-0.67 / 0.50",
-)
 def test_spool_head_learns_direction(toy_features, tmp_path):
-    acc, result = train(
-        toy_features, tmp_path, head="spool", dim=32, depth=2, num_heads=2, lookahead=1,
-        local_frame_range=2, epochs=40, batch_size=8, lr=3e-3,
-    )
-    assert acc >= 0.8, f"direction accuracy {acc:.2f}; train loss {[round(h.train_loss, 3) for h in result.history[::5]]}"
+    # Training is seeded and deterministic; measured direction accuracy for seeds 0-5:
+    # 0.80, 1.00, 0.71, 0.67, 0.86, 0.75 (mean-linear: exactly 0.50). Two seeds keep it short.
+    accs = []
+    for seed in (0, 1):
+        acc, result = train(
+            toy_features, tmp_path / f"seed{seed}", head="spool", dim=64, depth=2, num_heads=2, lookahead=1,
+            local_frame_range=2, epochs=60, batch_size=8, lr=3e-3, seed=seed,
+        )
+        accs.append(acc)
+    assert np.mean(accs) >= 0.7, f"direction accuracy {accs}; train loss {[round(h.train_loss, 3) for h in result.history[::10]]}"
