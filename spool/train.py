@@ -358,7 +358,11 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
     torch.manual_seed(cfg.seed)  # weights and dropout; batch order comes from (seed, epoch)
     model = build_head(cfg.head, head_cfg, device=device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(splits.train) / cfg.batch_size)
+    if len(splits.train) < 2:
+        raise TrainError(f"{cfg.store}: the train split holds {len(splits.train)} clip(s); training needs at least 2")
+    # A last batch of one clip is dropped: the heads' BatchNorm cannot normalise a single sample.
+    drop_last = len(splits.train) % cfg.batch_size == 1
+    steps_per_epoch = len(splits.train) // cfg.batch_size if drop_last else math.ceil(len(splits.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, round(cfg.warmup * steps_per_epoch)) if cfg.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
@@ -412,7 +416,9 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
         )
         with bar:
             task = bar.add_task("train", total=steps_per_epoch, info="")
-            batches = features.batches(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device)
+            batches = features.batches(
+                splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device, drop_last=drop_last
+            )
             for step, batch in enumerate(batches):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = _forward(model, inputs, batch)

@@ -197,3 +197,13 @@ def test_schedule_and_lookahead_resolution():
     assert resolve_lookahead(6, None, None) == 3 and resolve_lookahead(2, None, None) == 1
     with pytest.raises(TrainError, match="must equal num_heads"):
         resolve_lookahead(6, 4, 4)
+
+
+def test_a_lone_last_clip_is_dropped_so_batchnorm_heads_train(store_path, tmp_path):
+    features, splits = load_features(config(store_path, tmp_path / "probe"))
+    features.store.close()
+    batch_size = len(splits.train) - 1  # the last batch of each epoch would hold one clip
+    assert len(splits.train) % batch_size == 1
+    r = train_head(config(store_path, tmp_path / "linear", head="mean-linear", batch_size=batch_size, epochs=2),
+                   progress=False)
+    assert len(r.history) == 2 and np.isfinite(r.history[-1].train_loss)
