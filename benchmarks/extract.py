@@ -103,7 +103,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; backbone {args.backbone} at {args.size} px, T={args.frames}, {len(paths)} videos, "
           f"batch {args.batch_size}, {args.workers} decode workers")
-    print(f"| path | frames/s |\n|---|---|")
+    print("| path | frames/s |\n|---|---|")
     print(f"| backbone only | {backbone_fps:.1f} |\n| spool extract | {extract_fps:.1f} |\n| naive loop | {naive_fps:.1f} |")
     print(f"extract / backbone-only = {extract_fps / backbone_fps:.2f}   extract / naive = {extract_fps / naive_fps:.2f}")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-import spool
 from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
 from spool.decode import DecodedVideo, DecodeError, DecodePool
 from spool.progress import RateProgress

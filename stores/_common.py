@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spool.stores.base import NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, StoreError
+import abc
+
+from spool.stores.base import DONE, FAILED, NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, FeatureStore, StoreError
 
 # Attributes that describe how or when a store was made, not what it holds: they are left
 # out of the fingerprint so re-running the same extraction gives the same fingerprint.
@@ -266,3 +268,56 @@ class WriterLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class SlotStore(FeatureStore):
+    """What both backends share: argument checks and the fixed-slot write protocol. A backend
+    provides ``_read_clips`` and ``_write_slots``; the latter writes the status last, since
+    that one write is the commit (docs/store-format.md)."""
+
+    @abc.abstractmethod
+    def _writable(self) -> Any:
+        """The backend's arrays, or a StoreError when the store is not open for writing."""
+
+    @abc.abstractmethod
+    def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _write_slots(
+        self, video_index: int, patches: np.ndarray, cls: np.ndarray, frame_indices: np.ndarray,
+        num_frames: int, fps: float, error: str, status: int,
+    ) -> None: ...
+
+    def read_patches(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._read_clips("patches", clip_indices, out)
+
+    def read_cls(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._read_clips("cls", clip_indices, out)
+
+    def write_video(
+        self,
+        video_index: int,
+        patches: np.ndarray,
+        cls: np.ndarray,
+        frame_indices: np.ndarray,
+        num_frames: int,
+        fps: float,
+    ) -> None:
+        self._writable()
+        patches, cls, frame_indices = check_video_write(
+            video_index, self.num_videos, patches, cls, frame_indices,
+            self.clips_per_video, self.num_frames, self.num_tokens, self.dim, self.path,
+        )  # fmt: skip
+        self._write_slots(video_index, patches, cls, frame_indices, num_frames, fps, "", DONE)
+
+    def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
+        self._writable()
+        if not 0 <= video_index < self.num_videos:
+            raise IndexError(f"{self.path}: video index {video_index} out of range, the store has {self.num_videos} videos")
+        # Reset the slots so a store where this video once half-wrote equals one where it never did.
+        # Whole arrays, not scalars: h5py broadcasts a scalar with one write per row (~60x slower).
+        C, T, L, D = self.clips_per_video, self.num_frames, self.num_tokens, self.dim
+        self._write_slots(
+            video_index, np.zeros((C, T, L, D), "<f2"), np.zeros((C, T, D), "<f2"), np.full((C, T), -1, np.int64),
+            num_frames, fps, truncate_reason(reason), FAILED,
+        )  # fmt: skip

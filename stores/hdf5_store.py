@@ -31,18 +31,17 @@ import h5py
 import numpy as np
 
 from spool.stores._common import (
+    SlotStore,
     ERROR_BYTES,
     WriterLock,
     as_indices,
     check_schema_attrs,
-    check_video_write,
     clip_tables,
     expected_arrays,
     fill_value,
     output_buffer,
-    truncate_reason,
 )
-from spool.stores.base import DONE, FAILED, PENDING, ClipTable, FeatureStore, StoreError, VideoTable
+from spool.stores.base import DONE, PENDING, ClipTable, StoreError, VideoTable
 
 
 def lock_path(path: Path) -> Path:
@@ -140,7 +139,7 @@ def _open_writer(path: Path) -> h5py.File:
     return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl))
 
 
-class HDF5FeatureStore(FeatureStore):
+class HDF5FeatureStore(SlotStore):
     def __init__(self, path: str | Path, mode: str = "r", *, _lock: WriterLock | None = None):
         self.path = Path(path)
         self.mode = mode
@@ -238,12 +237,6 @@ class HDF5FeatureStore(FeatureStore):
                 ds.read_direct(out, np.s_[int(i)], np.s_[k])
         return out
 
-    def read_patches(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._read_clips("patches", clip_indices, out)
-
-    def read_cls(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._read_clips("cls", clip_indices, out)
-
     # --- writing -----------------------------------------------------------------------------
     def _writable(self) -> dict[str, h5py.Dataset]:
         if self.mode != "a" or self._lock is None or self._file is None:
@@ -270,34 +263,6 @@ class HDF5FeatureStore(FeatureStore):
         self._file.flush()  # ordering barrier: everything above reaches the file before the commit
         d["status"][video_index] = status
         self._file.flush()
-
-    def write_video(
-        self,
-        video_index: int,
-        patches: np.ndarray,
-        cls: np.ndarray,
-        frame_indices: np.ndarray,
-        num_frames: int,
-        fps: float,
-    ) -> None:
-        self._writable()
-        patches, cls, frame_indices = check_video_write(
-            video_index, self.num_videos, patches, cls, frame_indices,
-            self.clips_per_video, self.num_frames, self.num_tokens, self.dim, self.path,
-        )
-        self._write_slots(video_index, patches, cls, frame_indices, num_frames, fps, "", DONE)
-
-    def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
-        self._writable()
-        if not 0 <= video_index < self.num_videos:
-            raise IndexError(f"{self.path}: video index {video_index} out of range, the store has {self.num_videos} videos")
-        # Reset the slots so a store where this video once half-wrote equals one where it never did.
-        C, T, L, D = self.clips_per_video, self.num_frames, self.num_tokens, self.dim
-        # Whole arrays, not scalars: h5py broadcasts a scalar with one write per row (~60x slower).
-        self._write_slots(
-            video_index, np.zeros((C, T, L, D), "<f2"), np.zeros((C, T, D), "<f2"), np.full((C, T), -1, np.int64),
-            num_frames, fps, truncate_reason(reason), FAILED,
-        )
 
     def close(self) -> None:
         self._mm = {}

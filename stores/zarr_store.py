@@ -27,18 +27,17 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from spool.stores._common import (
+    SlotStore,
     VIDEO_CHUNK,
     WriterLock,
     as_indices,
     check_schema_attrs,
-    check_video_write,
     clip_tables,
     expected_arrays,
     fill_value,
     output_buffer,
-    truncate_reason,
 )
-from spool.stores.base import DONE, FAILED, PENDING, ClipTable, FeatureStore, StoreError, VideoTable
+from spool.stores.base import DONE, PENDING, ClipTable, StoreError, VideoTable
 
 LOCK_NAME = ".spool-writer.lock"
 # Populate the mapping in one go rather than page fault by page fault (Linux only).
@@ -127,7 +126,7 @@ def create_zarr(
     return ZarrFeatureStore(path, "a", _lock=new_lock)
 
 
-class ZarrFeatureStore(FeatureStore):
+class ZarrFeatureStore(SlotStore):
     def __init__(self, path: str | Path, mode: str = "r", *, _lock: WriterLock | None = None):
         self.path = Path(path)
         self.mode = mode
@@ -256,12 +255,6 @@ class ZarrFeatureStore(FeatureStore):
                 os.close(fd)
         return out
 
-    def read_patches(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._read_clips("patches", clip_indices, out)
-
-    def read_cls(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._read_clips("cls", clip_indices, out)
-
     # --- writing -----------------------------------------------------------------------------
     def _writable(self) -> dict[str, zarr.Array]:
         if self.mode != "a" or self._lock is None:
@@ -274,45 +267,18 @@ class ZarrFeatureStore(FeatureStore):
         if int(a["status"][video_index]) != PENDING:
             a["status"][video_index] = PENDING
 
-    def write_video(
-        self,
-        video_index: int,
-        patches: np.ndarray,
-        cls: np.ndarray,
-        frame_indices: np.ndarray,
-        num_frames: int,
-        fps: float,
-    ) -> None:
+    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str, status: int) -> None:
         a = self._writable()
         C = self.clips_per_video
-        patches, cls, frame_indices = check_video_write(
-            video_index, self.num_videos, patches, cls, frame_indices, C, self.num_frames, self.num_tokens, self.dim, self.path
-        )
         self._uncommit(video_index)
         s = video_index * C
-        a["patches"][s : s + C] = patches
+        a["patches"][s : s + C] = patches  # all zeros (a failed video): zarr drops the chunks
         a["cls"][s : s + C] = cls
         a["frame_indices"][s : s + C] = frame_indices
         a["num_frames"][video_index] = int(num_frames)
         a["fps"][video_index] = float(fps)
-        a["error"][video_index] = ""
-        a["status"][video_index] = DONE  # the commit: written last, atomically (one renamed chunk)
-
-    def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
-        a = self._writable()
-        if not 0 <= video_index < self.num_videos:
-            raise IndexError(f"{self.path}: video index {video_index} out of range, the store has {self.num_videos} videos")
-        C = self.clips_per_video
-        self._uncommit(video_index)
-        s = video_index * C
-        # Reset the slots so a store where this video once half-wrote equals one where it never did.
-        a["patches"][s : s + C] = 0
-        a["cls"][s : s + C] = 0
-        a["frame_indices"][s : s + C] = -1
-        a["num_frames"][video_index] = int(num_frames)
-        a["fps"][video_index] = float(fps)
-        a["error"][video_index] = truncate_reason(reason)
-        a["status"][video_index] = FAILED
+        a["error"][video_index] = error
+        a["status"][video_index] = status  # the commit: written last, atomically (one renamed chunk)
 
     def close(self) -> None:
         if self._lock is not None:
