@@ -25,7 +25,8 @@ import torch
 
 from spool.backbone import load_backbone, normalize_frames
 from spool.decode import read_video
-from spool.extract import ExtractConfig, resolve_device, run_extract
+from spool.device import resolve_device
+from spool.extract import ExtractConfig, run_extract
 from spool.sources import load_source
 from spool.toy import make_toy
 

@@ -21,6 +21,7 @@ import torch
 
 from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
 from spool.decode import DecodedVideo, DecodeError, DecodePool
+from spool.device import resolve_device
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
@@ -92,12 +93,6 @@ class ExtractResult:
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def content_attrs(cfg: ExtractConfig, identity: WeightsIdentity) -> dict[str, Any]:

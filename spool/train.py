@@ -37,6 +37,7 @@ from spool.checkpoint import (
     strip_compile_prefix,
 )
 from spool.data import FeatureSet, Splits, assign_splits
+from spool.device import resolve_device
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
 
@@ -118,15 +119,6 @@ class TrainResult:
 
 
 # --- resolving the config ---------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
-    return d
 
 
 def resolve_lookahead(num_heads: int, lookahead: int | None, lookback: int | None) -> int:
