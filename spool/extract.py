@@ -223,7 +223,7 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     write_error: list[BaseException] = []
 
     def writer() -> None:
-        # Runs beside the backbone: store writes (compression, fsync) must not stall the GPU.
+        # Runs beside the backbone: store writes (file I/O, chunk encoding) must not stall the GPU.
         while (item := writes.get()) is not None:
             if write_error:
                 continue
