@@ -391,6 +391,8 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
 
     console = Console(stderr=True)
     show_bar = progress and sys.stderr.isatty()
+    if cfg.resume and not last_path.exists() and progress:
+        console.print(f"resume: no {last_path.name} in {out}; training from the start")
     final = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
