@@ -10,13 +10,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 import abc
 
-from spool.stores.base import DONE, FAILED, NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, FeatureStore, StoreError
+from spool.stores.base import (
+    DONE, FAILED, NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, ClipTable, FeatureStore, StoreError, VideoTable,
+)
 
 # Attributes that describe how or when a store was made, not what it holds: they are left
 # out of the fingerprint so re-running the same extraction gives the same fingerprint.
@@ -270,6 +272,43 @@ class WriterLock:
             self._fd = None
 
 
+def check_replaceable(path: Path, overwrite: bool, read_attrs: Callable[[Path], dict[str, Any] | None]) -> bool:
+    """Whether ``path`` holds a store that create_store is to replace (False: nothing there).
+    An existing path is an error without ``overwrite``, and so is one that is not a Spool
+    store: nothing but a Spool store is ever deleted."""
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if not overwrite:
+        raise StoreError(
+            f"{path} already exists; open it with open_store({str(path)!r}, 'a') to resume, "
+            "or pass overwrite=True to replace it"
+        )
+    old = read_attrs(path)
+    if old is None or "schema_version" not in old:
+        raise StoreError(f"refusing to overwrite {path}: it is not a Spool feature store (no schema_version); remove it yourself")
+    return True
+
+
+def checked_arrays(
+    path: Path, specs: Mapping[str, ArraySpec], get: Callable[[str], Any], string_kinds: str, noun: str
+) -> dict[str, Any]:
+    """The arrays of ``specs``, fetched with ``get(name)`` (None when absent), each checked for
+    shape and dtype. ``string_kinds``: the dtype kinds the backend stores strings as."""
+    out = {}
+    for name, spec in specs.items():
+        arr = get(name)
+        if arr is None:
+            raise StoreError(f"{path}: {noun} {name!r} is missing; the store is damaged, re-create it")
+        ok_dtype = arr.dtype.kind in string_kinds if spec.dtype == "str" else np.dtype(arr.dtype) == np.dtype(spec.dtype)
+        if tuple(arr.shape) != spec.shape or not ok_dtype:
+            raise StoreError(
+                f"{path}: {noun} {name!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
+                f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
+            )
+        out[name] = arr
+    return out
+
+
 class SlotStore(FeatureStore):
     """What both backends share: argument checks and the fixed-slot write protocol. A backend
     provides ``_read_clips`` and ``_write_slots``; the latter writes the status last, since
@@ -280,6 +319,10 @@ class SlotStore(FeatureStore):
         """The backend's arrays, or a StoreError when the store is not open for writing."""
 
     @abc.abstractmethod
+    def _column(self, name: str) -> np.ndarray:
+        """All of array ``name`` as numpy; strings as an object array of str."""
+
+    @abc.abstractmethod
     def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray: ...
 
     @abc.abstractmethod
@@ -287,6 +330,28 @@ class SlotStore(FeatureStore):
         self, video_index: int, patches: np.ndarray, cls: np.ndarray, frame_indices: np.ndarray,
         num_frames: int, fps: float, error: str, status: int,
     ) -> None: ...
+
+    def videos(self) -> VideoTable:
+        C = self.clips_per_video
+        return VideoTable(
+            video_id=self._column("video_id"),
+            label=np.ascontiguousarray(self._column("label")[::C]),  # per clip: one row per video
+            split=np.ascontiguousarray(self._column("split")[::C]),
+            num_frames=self._column("num_frames"),
+            fps=self._column("fps"),
+            status=self._column("status"),
+            error=self._column("error"),
+        )
+
+    def clips(self) -> ClipTable:
+        return ClipTable(
+            label=self._column("label"),
+            video_index=self._column("video_index"),
+            view_index=self._column("view_index"),
+            split=self._column("split"),
+            frame_indices=self._column("frame_indices"),
+            done=np.repeat(self._column("status") == DONE, self.clips_per_video),
+        )
 
     def read_patches(self, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self._read_clips("patches", clip_indices, out)

@@ -32,6 +32,8 @@ import numpy as np
 
 from spool.stores._common import (
     SlotStore,
+    check_replaceable,
+    checked_arrays,
     ERROR_BYTES,
     WriterLock,
     as_indices,
@@ -41,7 +43,7 @@ from spool.stores._common import (
     fill_value,
     output_buffer,
 )
-from spool.stores.base import DONE, PENDING, ClipTable, StoreError, VideoTable
+from spool.stores.base import PENDING, StoreError
 
 
 def lock_path(path: Path) -> Path:
@@ -97,15 +99,7 @@ def create_hdf5(
     path = Path(path)
     lock = WriterLock(lock_path(path), path)  # same lock for the old and the new file
     try:
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise StoreError(
-                    f"{path} already exists; open it with open_store({str(path)!r}, 'a') to resume, "
-                    "or pass overwrite=True to replace it"
-                )
-            old = read_h5_attrs(path) if path.is_file() else None
-            if old is None or "schema_version" not in old:
-                raise StoreError(f"refusing to overwrite {path}: it is not a Spool feature store (no schema_version); remove it yourself")
+        check_replaceable(path, overwrite, read_h5_attrs)
         C, T, L, D = (int(attrs[k]) for k in ("clips_per_video", "num_frames", "num_tokens", "dim"))
         specs = expected_arrays(len(video_ids), C, T, L, D)
         static = clip_tables(labels, splits, C)
@@ -169,23 +163,14 @@ class HDF5FeatureStore(SlotStore):
 
     def _check_datasets(self) -> dict[str, h5py.Dataset]:
         f = self._file
-        if "video_id" not in f:
+
+        def get(name: str) -> h5py.Dataset | None:
+            return f[name] if name in f and isinstance(f[name], h5py.Dataset) else None
+
+        if get("video_id") is None:
             raise StoreError(f"{self.path}: dataset 'video_id' is missing; the store is damaged, re-create it")
-        M = f["video_id"].shape[0]
-        specs = expected_arrays(M, self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
-        out = {}
-        for name, spec in specs.items():
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise StoreError(f"{self.path}: dataset {name!r} is missing; the store is damaged, re-create it")
-            ds = f[name]
-            ok_dtype = ds.dtype.kind in "OS" if spec.dtype == "str" else ds.dtype == np.dtype(spec.dtype)
-            if ds.shape != spec.shape or not ok_dtype:
-                raise StoreError(
-                    f"{self.path}: dataset {name!r} has shape {ds.shape} dtype {ds.dtype}, "
-                    f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
-                )
-            out[name] = ds
-        return out
+        specs = expected_arrays(f["video_id"].shape[0], self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
+        return checked_arrays(self.path, specs, get, string_kinds="OS", noun="dataset")
 
     def _memmap(self, name: str) -> np.memmap | None:
         """A read-only view of a contiguous, unfiltered dataset's bytes, else None (use h5py)."""
@@ -201,29 +186,11 @@ class HDF5FeatureStore(SlotStore):
         return int(self._ds["video_id"].shape[0])
 
     # --- reading -----------------------------------------------------------------------------
-    def videos(self) -> VideoTable:
-        d = self._ds
-        C = self.clips_per_video
-        return VideoTable(
-            video_id=np.array([s.decode("utf-8") if isinstance(s, bytes) else s for s in d["video_id"][:]], dtype=object),
-            label=d["label"][::C],
-            split=d["split"][::C],
-            num_frames=d["num_frames"][:],
-            fps=d["fps"][:],
-            status=d["status"][:],
-            error=np.array([e.decode("utf-8") for e in d["error"][:]], dtype=object),
-        )
-
-    def clips(self) -> ClipTable:
-        d = self._ds
-        return ClipTable(
-            label=d["label"][:],
-            video_index=d["video_index"][:],
-            view_index=d["view_index"][:],
-            split=d["split"][:],
-            frame_indices=d["frame_indices"][:],
-            done=np.repeat(d["status"][:] == DONE, self.clips_per_video),
-        )
+    def _column(self, name: str) -> np.ndarray:
+        data = self._ds[name][:]
+        if name in ("video_id", "error"):  # variable-length / fixed-width UTF-8
+            return np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in data], dtype=object)
+        return data
 
     def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray:
         idx = as_indices(clip_indices, self.num_clips, self.path)

@@ -28,6 +28,8 @@ from zarr.codecs import BytesCodec
 
 from spool.stores._common import (
     SlotStore,
+    check_replaceable,
+    checked_arrays,
     VIDEO_CHUNK,
     WriterLock,
     as_indices,
@@ -37,7 +39,7 @@ from spool.stores._common import (
     fill_value,
     output_buffer,
 )
-from spool.stores.base import DONE, PENDING, ClipTable, StoreError, VideoTable
+from spool.stores.base import PENDING, StoreError
 
 LOCK_NAME = ".spool-writer.lock"
 # Populate the mapping in one go rather than page fault by page fault (Linux only).
@@ -75,15 +77,7 @@ def create_zarr(
 ) -> "ZarrFeatureStore":
     path = Path(path)
     old_lock = None
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise StoreError(
-                f"{path} already exists; open it with open_store({str(path)!r}, 'a') to resume, "
-                "or pass overwrite=True to replace it"
-            )
-        old = read_group_attrs(path) if path.is_dir() else None
-        if old is None or "schema_version" not in old:
-            raise StoreError(f"refusing to overwrite {path}: it is not a Spool feature store (no schema_version); remove it yourself")
+    if check_replaceable(path, overwrite, read_group_attrs):
         old_lock = WriterLock(path / LOCK_NAME, path)  # refuse while another writer is at work
 
     # Build next to the target and rename into place, so a kill during creation never leaves
@@ -154,23 +148,15 @@ class ZarrFeatureStore(SlotStore):
 
     # --- opening ----------------------------------------------------------------------------
     def _check_arrays(self) -> dict[str, zarr.Array]:
-        if "video_id" not in self._group:
+        group = self._group
+
+        def get(name: str) -> zarr.Array | None:
+            return group[name] if name in group and isinstance(group[name], zarr.Array) else None
+
+        if get("video_id") is None:
             raise StoreError(f"{self.path}: array 'video_id' is missing; the store is damaged, re-create it")
-        M = self._group["video_id"].shape[0]
-        specs = expected_arrays(M, self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
-        arrays = {}
-        for name, spec in specs.items():
-            if name not in self._group or not isinstance(self._group[name], zarr.Array):
-                raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged, re-create it")
-            arr = self._group[name]
-            ok_dtype = arr.dtype.kind in "TUO" if spec.dtype == "str" else np.dtype(arr.dtype) == np.dtype(spec.dtype)
-            if tuple(arr.shape) != spec.shape or not ok_dtype:
-                raise StoreError(
-                    f"{self.path}: array {name!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
-                    f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
-                )
-            arrays[name] = arr
-        return arrays
+        specs = expected_arrays(group["video_id"].shape[0], self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
+        return checked_arrays(self.path, specs, get, string_kinds="TUO", noun="array")
 
     def _raw_chunk_ok(self, name: str) -> bool:
         """Whether clips of ``name`` can be read straight from their chunk files."""
@@ -198,30 +184,9 @@ class ZarrFeatureStore(SlotStore):
         return int(self._arrays["video_id"].shape[0])
 
     # --- reading -----------------------------------------------------------------------------
-    def videos(self) -> VideoTable:
-        a = self._arrays
-        C = self.clips_per_video
-        return VideoTable(
-            video_id=np.asarray(a["video_id"][:]).astype(object),
-            label=a["label"][::C] if C > 1 else a["label"][:],
-            split=a["split"][::C] if C > 1 else a["split"][:],
-            num_frames=a["num_frames"][:],
-            fps=a["fps"][:],
-            status=a["status"][:],
-            error=np.asarray(a["error"][:]).astype(object),
-        )
-
-    def clips(self) -> ClipTable:
-        a = self._arrays
-        status = a["status"][:]
-        return ClipTable(
-            label=a["label"][:],
-            video_index=a["video_index"][:],
-            view_index=a["view_index"][:],
-            split=a["split"][:],
-            frame_indices=a["frame_indices"][:],
-            done=np.repeat(status == DONE, self.clips_per_video),
-        )
+    def _column(self, name: str) -> np.ndarray:
+        data = self._arrays[name][:]
+        return np.asarray(data).astype(object) if name in ("video_id", "error") else data
 
     def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray:
         arr = self._arrays[name]
