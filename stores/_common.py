@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -289,26 +289,6 @@ def check_replaceable(path: Path, overwrite: bool, read_attrs: Callable[[Path], 
     return True
 
 
-def checked_arrays(
-    path: Path, specs: Mapping[str, ArraySpec], get: Callable[[str], Any], string_kinds: str, noun: str
-) -> dict[str, Any]:
-    """The arrays of ``specs``, fetched with ``get(name)`` (None when absent), each checked for
-    shape and dtype. ``string_kinds``: the dtype kinds the backend stores strings as."""
-    out = {}
-    for name, spec in specs.items():
-        arr = get(name)
-        if arr is None:
-            raise StoreError(f"{path}: {noun} {name!r} is missing; the store is damaged, re-create it")
-        ok_dtype = arr.dtype.kind in string_kinds if spec.dtype == "str" else np.dtype(arr.dtype) == np.dtype(spec.dtype)
-        if tuple(arr.shape) != spec.shape or not ok_dtype:
-            raise StoreError(
-                f"{path}: {noun} {name!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
-                f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
-            )
-        out[name] = arr
-    return out
-
-
 class SlotStore(FeatureStore):
     """What both backends share: argument checks and the fixed-slot write protocol. A backend
     provides ``_read_clips`` and ``_write_slots``; the latter writes the status last, since
@@ -330,6 +310,27 @@ class SlotStore(FeatureStore):
         self, video_index: int, patches: np.ndarray, cls: np.ndarray, frame_indices: np.ndarray,
         num_frames: int, fps: float, error: str, status: int,
     ) -> None: ...
+
+    def _checked_arrays(self, get: Callable[[str], Any], string_kinds: str, noun: str) -> dict[str, Any]:
+        """Every array of the schema, fetched with ``get(name)`` (None when absent), each checked
+        for shape and dtype. ``string_kinds``: the dtype kinds the backend stores strings as."""
+        ids = get("video_id")
+        if ids is None:
+            raise StoreError(f"{self.path}: {noun} 'video_id' is missing; the store is damaged, re-create it")
+        specs = expected_arrays(ids.shape[0], self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
+        out = {}
+        for name, spec in specs.items():
+            arr = get(name)
+            if arr is None:
+                raise StoreError(f"{self.path}: {noun} {name!r} is missing; the store is damaged, re-create it")
+            ok_dtype = arr.dtype.kind in string_kinds if spec.dtype == "str" else np.dtype(arr.dtype) == np.dtype(spec.dtype)
+            if tuple(arr.shape) != spec.shape or not ok_dtype:
+                raise StoreError(
+                    f"{self.path}: {noun} {name!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
+                    f"expected {spec.shape} {spec.dtype}; the store is damaged or from another tool"
+                )
+            out[name] = arr
+        return out
 
     def videos(self) -> VideoTable:
         C = self.clips_per_video

@@ -33,7 +33,6 @@ import numpy as np
 from spool.stores._common import (
     SlotStore,
     check_replaceable,
-    checked_arrays,
     ERROR_BYTES,
     WriterLock,
     as_indices,
@@ -163,14 +162,9 @@ class HDF5FeatureStore(SlotStore):
 
     def _check_datasets(self) -> dict[str, h5py.Dataset]:
         f = self._file
-
-        def get(name: str) -> h5py.Dataset | None:
-            return f[name] if name in f and isinstance(f[name], h5py.Dataset) else None
-
-        if get("video_id") is None:
-            raise StoreError(f"{self.path}: dataset 'video_id' is missing; the store is damaged, re-create it")
-        specs = expected_arrays(f["video_id"].shape[0], self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
-        return checked_arrays(self.path, specs, get, string_kinds="OS", noun="dataset")
+        return self._checked_arrays(
+            lambda name: f[name] if name in f and isinstance(f[name], h5py.Dataset) else None, string_kinds="OS", noun="dataset"
+        )
 
     def _memmap(self, name: str) -> np.memmap | None:
         """A read-only view of a contiguous, unfiltered dataset's bytes, else None (use h5py)."""

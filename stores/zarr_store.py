@@ -29,7 +29,6 @@ from zarr.codecs import BytesCodec
 from spool.stores._common import (
     SlotStore,
     check_replaceable,
-    checked_arrays,
     VIDEO_CHUNK,
     WriterLock,
     as_indices,
@@ -148,15 +147,10 @@ class ZarrFeatureStore(SlotStore):
 
     # --- opening ----------------------------------------------------------------------------
     def _check_arrays(self) -> dict[str, zarr.Array]:
-        group = self._group
-
-        def get(name: str) -> zarr.Array | None:
-            return group[name] if name in group and isinstance(group[name], zarr.Array) else None
-
-        if get("video_id") is None:
-            raise StoreError(f"{self.path}: array 'video_id' is missing; the store is damaged, re-create it")
-        specs = expected_arrays(group["video_id"].shape[0], self.clips_per_video, self.num_frames, self.num_tokens, self.dim)
-        return checked_arrays(self.path, specs, get, string_kinds="TUO", noun="array")
+        g = self._group
+        return self._checked_arrays(
+            lambda name: g[name] if name in g and isinstance(g[name], zarr.Array) else None, string_kinds="TUO", noun="array"
+        )
 
     def _raw_chunk_ok(self, name: str) -> bool:
         """Whether clips of ``name`` can be read straight from their chunk files."""
