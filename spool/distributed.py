@@ -1,0 +1,55 @@
+"""Which share of the work this process has: ``--shard i/n``, or the rank and world size that
+torchrun gives it. Read once, by the command line, and passed down in the stage's config."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based index). ``Shard(0, 1)`` is the whole job."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {self.index}/{self.count}")
+
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """``"3/8"`` -> ``Shard(3, 8)``. Slurm job arrays number tasks from 0 or 1; Spool counts from 0."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4, shard 0 of 4), got {text!r}")
+    return Shard(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None:
+    """The rank torchrun (or any launcher that sets RANK/WORLD_SIZE) gave this process, or None
+    when it runs alone. Only the command line calls this: library code takes a config."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    world_size, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    if world_size <= 1:
+        return None
+    return TorchrunEnv(rank=rank, world_size=world_size, local_rank=int(env.get("LOCAL_RANK", rank)))
