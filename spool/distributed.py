@@ -53,3 +53,30 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None
     if world_size <= 1:
         return None
     return TorchrunEnv(rank=rank, world_size=world_size, local_rank=int(env.get("LOCAL_RANK", rank)))
+
+
+def rank_device(device: str, env: TorchrunEnv):
+    """The torch.device of one torchrun process: ``cuda:LOCAL_RANK`` for "cuda" (and for "auto"
+    when CUDA is available), else the CPU. Errors name the option to change."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = torch.device(device)
+    if d.type == "cpu":
+        return d
+    if d.type != "cuda":
+        raise ValueError(f"--device {device}: under torchrun Spool runs on cpu or cuda; pass --device cuda, cpu or auto")
+    if d.index is not None:
+        raise ValueError(
+            f"--device {device} under torchrun: each process uses the GPU cuda:LOCAL_RANK; pass --device cuda (or auto)"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but CUDA is not available; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise ValueError(
+            f"--device cuda under torchrun: the process with LOCAL_RANK {env.local_rank} needs GPU cuda:{env.local_rank}, "
+            f"but this machine shows {count} GPU(s); set torchrun's --nproc-per-node to at most {count}"
+        )
+    return torch.device("cuda", env.local_rank)
