@@ -56,14 +56,32 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other options.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Try videos recorded as failed again.")] = False,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="i/n: extract only shard i of n (0-based), e.g. one task of a job array; "
+                          "finish with `spool merge-shards`. Under torchrun the rank is the shard."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Decode each video once, run the frozen backbone, write per-frame patch tokens. Re-run to resume."""
+    """Decode each video once, run the frozen backbone, write per-frame patch tokens. Re-run to resume.
+
+    Several processes can write one store: `torchrun --nproc-per-node 8 -m spool extract ...`
+    (one rank per GPU, rank 0 merges at the end), or `--shard i/n` per job-array task."""
     from spool.backbone import WeightsError
+    from spool.distributed import Shard, parse_shard, torchrun_env
     from spool.extract import ExtractConfig, run_extract
     from spool.stores import StoreError
 
+    rank = torchrun_env()
     try:
+        parsed = parse_shard(shard) if shard is not None else Shard()
+        if rank is not None:
+            from spool.distributed import rank_device
+
+            if shard is not None:
+                raise ValueError("--shard and torchrun both split the videos; under torchrun leave --shard out")
+            parsed, device = Shard(rank.rank, rank.world_size), str(rank_device(device, rank))
+            quiet = quiet or rank.rank != 0  # one progress display for the whole job
         cfg = ExtractConfig(
             source=str(source), out=str(out), format=format,
             split_files=tuple(str(p) for p in split_file or ()),
@@ -71,16 +89,18 @@ def extract(
             backbone=backbone, weights=weights, image_size=size, token_pool=token_pool, frames=frames,
             stride=stride, clips=clips, decoder=decoder, workers=workers, decode_timeout=decode_timeout,
             batch_size=batch_size, device=device, seed=seed, overwrite=overwrite, retry_failed=retry_failed,
+            shard=parsed,
         )  # fmt: skip
-        result = run_extract(cfg, command=_command_line(), progress=not quiet)
+        result = run_extract(cfg, command=_command_line(), progress=not quiet, torchrun=rank)
     except (ValueError, FileNotFoundError, StoreError, WeightsError) as err:
         _fail(err)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted:[/] {out} keeps every finished video; re-run the same command to resume")
         raise typer.Exit(130)
     if not quiet:
+        who = f"{out} (shard {cfg.shard})" if not cfg.shard.whole else f"{out}"
         console.print(
-            f"{out}: {result.done} extracted, {result.failed} failed, {result.skipped} already done "
+            f"{who}: {result.done} extracted, {result.failed} failed, {result.skipped} already done "
             f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s)"
         )
         for video_id, reason in result.failures[:10]:
@@ -92,8 +112,46 @@ def extract(
             console.print(f"  [yellow]{len(result.missing)} listed videos are not on disk[/] (skipped), e.g. {shown}")
         if len(result.failures) > 10:
             console.print(f"  ... {len(result.failures) - 10} more; see `spool info {out}`")
+        if result.shards is not None:
+            _print_shards(result.shards, out, rank is not None)
     if result.total_done == 0:
         console.print("[bold red]error:[/] no video was extracted")
+        raise typer.Exit(1)
+
+
+def _print_shards(report, out: Path, torchrun: bool) -> None:
+    if report.complete:
+        console.print(f"{out}: all {report.count} shards finished and merged; no video is pending")
+        return
+    by_shard = ", ".join(f"{i}: {n}" for i, n in sorted(report.pending_by_shard.items())[:8])
+    console.print(
+        f"{out}: {len(report.finished)} of {report.count} shards finished; {report.pending_videos} videos pending "
+        f"(by shard {by_shard}). Run the missing shards, then `spool merge-shards {out}` to merge and check."
+        if not torchrun else f"{out}: {report.pending_videos} videos still pending; re-run the same command to resume"
+    )
+
+
+@app.command("merge-shards")
+def merge_shards(
+    store: Annotated[Path, typer.Argument(help="A store written with --shard i/n (or torchrun).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Merge the shards' records into the store and check that every shard finished.
+
+    Exit 0 when no video is pending; 1 when some are, naming their shards (re-run those with
+    the same command); 2 when a shard is still writing the store."""
+    from spool.stores import StoreError
+    from spool.stores.shards import merge_shards as run_merge
+
+    try:
+        report = run_merge(store)
+    except (StoreError, FileNotFoundError) as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_shards(report, store, torchrun=False)
+    if not report.complete:
         raise typer.Exit(1)
 
 

@@ -7,9 +7,12 @@ background thread that writes finished videos into the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,10 +25,12 @@ import torch
 from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
 from spool.decode import DecodedVideo, DecodeError, DecodePool
 from spool.device import resolve_device
+from spool.distributed import Shard, TorchrunEnv
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES
+from spool.stores.shards import ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class ExtractConfig:
     seed: int = 0
     overwrite: bool = False
     retry_failed: bool = False
+    shard: Shard = Shard()  # this process's share of the videos (--shard i/n, or torchrun's rank)
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +72,17 @@ class ExtractConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.overwrite and not self.shard.whole:
+            # A late shard (or a torchrun restart) would wipe what the others wrote.
+            raise ValueError(
+                "--overwrite cannot be combined with a sharded run (--shard or torchrun): a late shard would wipe "
+                "what the others wrote. Delete the store first, then start the shards"
+            )
+
+
+# How the run was spread over processes, not what it computes: left out of the store's attrs,
+# so a sharded store equals a single-process one.
+EXECUTION_KEYS = ("shard",)
 
 
 # The options that decide what the store's numbers are. Re-running with a different value
@@ -82,6 +99,7 @@ class ExtractResult:
     total_done: int = 0  # DONE videos in the store after this run
     seconds: float = 0.0
     frames: int = 0
+    shards: ShardReport | None = None  # sharded runs: where all the shards stand after this one
     missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
     short: int = 0  # videos shorter than one clip: frames repeat (spool.sampling documents the rule)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
@@ -110,15 +128,16 @@ def content_attrs(cfg: ExtractConfig, identity: WeightsIdentity) -> dict[str, An
 
 
 def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncoder, identity: WeightsIdentity,
-                   command: str):
+                   command: str, mode: str = "a"):
     """Open the store to resume it, or create it. A store made with other content-defining
-    options or another video list is an error unless --overwrite."""
+    options or another video list is an error unless --overwrite. ``mode="r"`` (a shard) opens an
+    existing store only to check it, since other shards may be writing it."""
     out = Path(cfg.out)
     content = content_attrs(cfg, identity)
     video_ids = [e.video_id for e in source.entries]
     labels = [e.label for e in source.entries]
     if out.exists() and not cfg.overwrite:
-        store = open_store(out, mode="a")
+        store = open_store(out, mode=mode)
         saved = store.attrs.get("content", {})
         differing = [k for k in CONTENT_KEYS if saved.get(k) != content.get(k)]
         if differing:
@@ -146,7 +165,7 @@ def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncode
         "token_pool": cfg.token_pool,
         "sampling": {"frames": cfg.frames, "stride": cfg.stride, "clips": cfg.clips},
         "source": {"path": str(Path(cfg.source).resolve()), "format": source.format, "missing": source.missing},
-        "extract_config": dataclasses.asdict(cfg),
+        "extract_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_KEYS},
         "command": command,
     }
     return create_store(
@@ -182,8 +201,14 @@ def run_extract(
     command: str = "",
     progress: bool = True,
     on_video_written: Callable[[int], None] | None = None,
+    torchrun: TorchrunEnv | None = None,
 ) -> ExtractResult:
     """Extract features for every pending video of `cfg.source` into `cfg.out`.
+
+    With ``cfg.shard`` i/n, only shard i's videos, written beside the other shards
+    (``spool.stores.shards``); the last shard to finish merges their records. Under torchrun
+    (``torchrun`` given, ``cfg.shard`` = rank/world size), rank 0 creates the store, waits for
+    every rank to finish, then merges.
 
     Ctrl-C (KeyboardInterrupt) is re-raised after the videos already computed are written
     and the store is closed; the videos in flight stay PENDING, so re-running resumes.
@@ -202,8 +227,11 @@ def run_extract(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, token_pool=cfg.token_pool, seed=cfg.seed
     )
     encoder = encoder.to(device)
-    store = open_or_create(cfg, source, encoder, identity, command)
     result = ExtractResult(store=str(cfg.out), missing=list(source.missing))
+    if not cfg.shard.whole or torchrun is not None:
+        _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun)
+        return result
+    store = open_or_create(cfg, source, encoder, identity, command)
     try:
         status = store.videos().status
         retry = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
@@ -214,6 +242,122 @@ def run_extract(
     finally:
         store.close()
     return result
+
+
+@contextlib.contextmanager
+def _creation_lock(out: Path):
+    """Serialises store creation between shards that start together: the first creates, the
+    others find the store and check it. The lock file stays beside the store (see WriterLock)."""
+    lock = out.parent / f".{out.name}.create.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun) -> None:
+    index, count = cfg.shard.index, cfg.shard.count
+    out = Path(cfg.out)
+    group = _ProcessGroup(torchrun) if torchrun is not None else None
+    try:
+        error = None
+        if group is None or group.rank == 0:
+            try:
+                with _creation_lock(out):
+                    open_or_create(cfg, source, encoder, identity, command, mode="r").close()
+            except (StoreError, ValueError, OSError) as err:
+                error = err
+        if group is not None:  # the other ranks raise rank 0's error rather than hang
+            error = group.broadcast_error(error)
+        if error is not None:
+            raise error
+        writer = ShardWriter(out, index, count)
+        try:
+            if group is not None:
+                group.barrier()  # every rank holds its shard: no stale marker can fool rank 0's wait
+            status = writer.store.videos().status
+            recorded = recorded_status(out)
+            retry = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
+            owned = shard_videos(writer.store.num_videos, index, count)
+            pending = [int(v) for v in owned if status[v] in retry and recorded.get(int(v), status[v]) in retry]
+            result.skipped = len(owned) - len(pending)
+            _extract_pending(cfg, source, encoder, device, writer, pending, result, progress, on_video_written)
+            writer.finish()
+        finally:
+            writer.close()
+        if group is None:
+            _merge_if_alone(out)  # a job array's last shard to finish merges them all
+        elif group.rank == 0:
+            wait_for_shards(out, count, poll=2.0, on_wait=_waiting_notice(progress))
+            open_store(out, mode="a").close()  # merges every rank's records
+    finally:
+        if group is not None:
+            group.close()
+    result.shards = shard_report(out)
+    result.total_done = _total_done(out)
+
+
+def _waiting_notice(enabled: bool, every_s: float = 30.0):
+    last = [-every_s]
+
+    def notice(unfinished: list[int]) -> None:
+        if enabled and time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            names = ", ".join(map(str, unfinished[:8])) + (" ..." if len(unfinished) > 8 else "")
+            print(f"rank 0: waiting for {len(unfinished)} rank(s) to finish: {names}", file=sys.stderr, flush=True)
+
+    return notice
+
+
+def _merge_if_alone(out: Path) -> None:
+    try:
+        store = open_store(out, mode="a")  # merges, if no other shard holds the store
+    except StoreError:
+        return  # others still run; the last of them merges
+    store.close()
+
+
+def _total_done(out: Path) -> int:
+    with open_store(out) as store:
+        status = store.videos().status.copy()
+    for v, st in recorded_status(out).items():
+        status[v] = st
+    return int((status == DONE).sum())
+
+
+class _ProcessGroup:
+    """torch.distributed over gloo, for the two moments the ranks of a sharded extraction meet:
+    after rank 0 made the store, and once all hold their shard. The rest goes through files."""
+
+    def __init__(self, env: TorchrunEnv):
+        import torch.distributed as dist
+
+        self.rank, self.world_size = env.rank, env.world_size
+        self._owns = not dist.is_initialized()
+        if self._owns:
+            dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+
+    def broadcast_error(self, error: BaseException | None) -> BaseException | None:
+        import torch.distributed as dist
+
+        box = [None if error is None else f"rank 0 could not create or open the store: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if self.rank == 0 or box[0] is None:
+            return error
+        return StoreError(box[0])
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self._owns and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _extract_pending(cfg, source, encoder, device, store, pending, result, progress, on_video_written) -> None:

@@ -74,24 +74,35 @@ def create_store(
 
         return create_zarr(Path(path), full, ids, labels_a, splits_a, overwrite)
     from spool.stores.hdf5_store import create_hdf5
+    from spool.stores.shards import remove_shards
 
-    return create_hdf5(Path(path), full, ids, labels_a, splits_a, overwrite)
+    store = create_hdf5(Path(path), full, ids, labels_a, splits_a, overwrite)
+    remove_shards(path)  # shard records of a replaced file (zarr keeps them inside the store)
+    return store
 
 
 def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
     """Open an existing store, checking its schema version and every array's shape and dtype.
-    Mode "a" takes the writer lock; a second writer gets a StoreError naming the holder."""
+    Mode "a" takes the writer lock; a second writer gets a StoreError naming the holder. It
+    also merges the records of finished or killed shards first (``spool.stores.shards``)."""
     backend = backend_for(path)
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}; create it with `spool extract` (create_store)")
     if backend == "zarr":
-        from spool.stores.zarr_store import ZarrFeatureStore
+        from spool.stores.zarr_store import ZarrFeatureStore as Backend
+    else:
+        from spool.stores.hdf5_store import HDF5FeatureStore as Backend
+    store = Backend(path, mode)
+    if mode == "a":
+        from spool.stores.shards import merge_journals
 
-        return ZarrFeatureStore(path, mode)
-    from spool.stores.hdf5_store import HDF5FeatureStore
-
-    return HDF5FeatureStore(path, mode)
+        try:
+            merge_journals(store)
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 from spool.stores.summary import summarize  # noqa: E402  (summary imports base, not this module)

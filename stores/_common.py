@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import abc
 
 from spool.stores.base import (
-    DONE, FAILED, NO_SPLIT, SCHEMA_VERSION, SPLIT_CODES, ClipTable, FeatureStore, StoreError, VideoTable,
+    DONE, FAILED, NO_SPLIT, PENDING, SCHEMA_VERSION, SPLIT_CODES, ClipTable, FeatureStore, StoreError, VideoTable,
 )
 
 # Attributes that describe how or when a store was made, not what it holds: they are left
@@ -245,23 +246,41 @@ def check_video_write(
 
 
 class WriterLock:
-    """Exclusive, non-blocking flock on ``lock_path``, held until ``release``. The kernel drops
-    it when the process dies, so a killed writer never leaves a stale lock behind."""
+    """A non-blocking flock on ``lock_path``, held until ``release``. The kernel drops it when
+    the process dies, so a killed writer never leaves a stale lock behind.
 
-    def __init__(self, lock_path: Path, store_path: Path):
+    Exclusive (the default): one writer owns the whole store. Shared: the shards of a sharded
+    extraction, which write disjoint clip slots side by side (stores/shards.py); they keep an
+    exclusive writer out, and it keeps them out. ``wait`` seconds: how long to retry while
+    another holder has it (a merge holds the store for seconds) before giving up."""
+
+    def __init__(self, lock_path: Path, store_path: Path, *, shared: bool = False, wait: float = 0.0):
         self.lock_path = Path(lock_path)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreError(
-                f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): "
-                "another `spool extract` is writing it. Wait for it to finish, or stop that process."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if shared:
+                    raise StoreError(
+                        f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): a "
+                        "non-sharded `spool extract` or a shard merge holds it. Wait for it to finish, or stop it."
+                    ) from None
+                raise StoreError(
+                    f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): another "
+                    "`spool extract`, or the shards of a sharded one, are writing it. Wait for them to finish, "
+                    "or stop them."
+                ) from None
+        if not shared:  # shards share the lock, so only an exclusive holder names itself
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -304,6 +323,17 @@ class SlotStore(FeatureStore):
 
     @abc.abstractmethod
     def _read_clips(self, name: str, clip_indices: Sequence[int] | np.ndarray, out: np.ndarray | None) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _write_columns(self, columns: dict[str, np.ndarray]) -> None:
+        """Overwrite whole per-video/per-clip columns, in the dict's order, each reaching the
+        file before the next is written (strings as str). Used to merge shard records."""
+
+    @abc.abstractmethod
+    def clip_writer(self) -> "ClipWriter":
+        """A writer of clip slots only, for one shard of a sharded extraction (stores/shards.py).
+        It takes no lock and writes no per-video field: shards own disjoint videos, hence
+        disjoint clip chunks/bytes, and their per-video records are merged by one exclusive writer."""
 
     @abc.abstractmethod
     def _write_slots(
@@ -387,3 +417,50 @@ class SlotStore(FeatureStore):
             video_index, np.zeros((C, T, L, D), "<f2"), np.zeros((C, T, D), "<f2"), np.full((C, T), -1, np.int64),
             num_frames, fps, truncate_reason(reason), FAILED,
         )  # fmt: skip
+
+    def apply_records(
+        self,
+        video_indices: np.ndarray,
+        frame_indices: np.ndarray,
+        num_frames: np.ndarray,
+        fps: np.ndarray,
+        error: Sequence[str],
+        status: np.ndarray,
+    ) -> None:
+        """Commit per-video records whose clips are already written (a shard's journal): the
+        same ordering as ``write_video``, for many videos in a few column writes. A kill midway
+        leaves the records' videos uncommitted, and applying them again is idempotent."""
+        self._writable()
+        idx = np.asarray(video_indices, dtype=np.int64)
+        if idx.size == 0:
+            return
+        M, C, T = self.num_videos, self.clips_per_video, self.num_frames
+        if idx.min() < 0 or idx.max() >= M:
+            raise IndexError(f"{self.path}: shard record for video {int(idx.max())} out of range, the store has {M} videos")
+        cols = {name: self._column(name) for name in ("status", "frame_indices", "num_frames", "fps", "error")}
+        st = cols["status"]
+        if np.any(st[idx] != PENDING):  # rewriting committed videos: uncommit them first
+            st = st.copy()
+            st[idx] = PENDING
+            self._write_columns({"status": st})
+        fi = cols["frame_indices"].reshape(M, C, T)
+        fi[idx] = np.asarray(frame_indices, dtype=np.int64).reshape(idx.size, C, T)
+        cols["num_frames"][idx] = num_frames
+        cols["fps"][idx] = fps
+        err = cols["error"]
+        err[idx] = [truncate_reason(e) for e in error]
+        self._write_columns({"frame_indices": fi.reshape(M * C, T), "num_frames": cols["num_frames"], "fps": cols["fps"], "error": err})
+        st = st.copy()
+        st[idx] = status
+        self._write_columns({"status": st})  # the commit, last
+
+
+class ClipWriter(abc.ABC):
+    """Writes the clip slots (patches, cls) of videos, nothing else; see ``SlotStore.clip_writer``."""
+
+    @abc.abstractmethod
+    def write(self, video_index: int, patches: np.ndarray, cls: np.ndarray) -> None:
+        """``patches`` (C, T, L, D) and ``cls`` (C, T, D) as little-endian float16, C-contiguous."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

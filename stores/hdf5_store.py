@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from spool.stores._common import (
+    ClipWriter,
     SlotStore,
     check_replaceable,
     ERROR_BYTES,
@@ -225,6 +226,26 @@ class HDF5FeatureStore(SlotStore):
         d["status"][video_index] = status
         self._file.flush()
 
+    def _write_columns(self, columns: dict[str, np.ndarray]) -> None:
+        d = self._writable()
+        for name, values in columns.items():
+            if name == "error":
+                values = np.array([str(e).encode("utf-8") for e in values], dtype=d["error"].dtype)
+            d[name][...] = values
+            self._file.flush()  # ordering barrier, as in _write_slots
+
+    def clip_writer(self) -> "HDF5ClipWriter":
+        offsets = {}
+        for name in ("patches", "cls"):
+            ds = self._ds[name]
+            if ds.chunks is not None or ds.id.get_offset() is None or ds.dtype != np.dtype("<f2"):
+                raise StoreError(
+                    f"{self.path}: {name} is not one contiguous float16 block, so shards cannot write it side by side; "
+                    "extract it without --shard, or re-create it with this Spool"
+                )
+            offsets[name] = (ds.id.get_offset(), self.clips_per_video * int(np.prod(ds.shape[1:])) * 2)
+        return HDF5ClipWriter(self.path, offsets)
+
     def close(self) -> None:
         self._mm = {}
         if self._file is not None:
@@ -233,3 +254,29 @@ class HDF5FeatureStore(SlotStore):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class HDF5ClipWriter(ClipWriter):
+    """Clip slots only, written with ``pwrite`` at their fixed byte offsets, bypassing the HDF5
+    library: datasets are contiguous and allocated at creation, so this is exactly the raw data
+    write h5py would make, and no file metadata is read or written by shards at all."""
+
+    def __init__(self, path: Path, offsets: dict[str, tuple[int, int]]):
+        self.path = Path(path)
+        self._offsets = offsets  # name -> (dataset offset, bytes per video)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY)
+
+    def write(self, video_index: int, patches: np.ndarray, cls: np.ndarray) -> None:
+        for name, data in (("patches", patches), ("cls", cls)):
+            offset, per_video = self._offsets[name]
+            buf = memoryview(np.ascontiguousarray(data, dtype="<f2")).cast("B")
+            if len(buf) != per_video:
+                raise StoreError(f"{self.path}: {name} of video {video_index} is {len(buf)} bytes, the slot holds {per_video}")
+            pos, done = offset + video_index * per_video, 0
+            while done < len(buf):  # pwrite may write less than asked
+                done += os.pwrite(self._fd, buf[done:], pos + done)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

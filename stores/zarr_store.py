@@ -27,6 +27,7 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from spool.stores._common import (
+    ClipWriter,
     SlotStore,
     check_replaceable,
     VIDEO_CHUNK,
@@ -239,7 +240,37 @@ class ZarrFeatureStore(SlotStore):
         a["error"][video_index] = error
         a["status"][video_index] = status  # the commit: written last, atomically (one renamed chunk)
 
+    def _write_columns(self, columns: dict[str, np.ndarray]) -> None:
+        a = self._writable()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # variable-length strings, see create_zarr
+            for name, values in columns.items():
+                a[name][:] = np.asarray(values, dtype=object) if name in ("video_id", "error") else values
+
+    def clip_writer(self) -> "ZarrClipWriter":
+        return ZarrClipWriter(self.path, self.clips_per_video)
+
     def close(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class ZarrClipWriter(ClipWriter):
+    """Clip slots only. Each clip is its own chunk file, written to a temporary name and renamed
+    (module docstring), so shards writing other videos never touch the same file."""
+
+    def __init__(self, path: Path, clips_per_video: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        self._patches, self._cls = group["patches"], group["cls"]
+        self._C = clips_per_video
+
+    def write(self, video_index: int, patches: np.ndarray, cls: np.ndarray) -> None:
+        s = video_index * self._C
+        self._patches[s : s + self._C] = patches  # all zeros (a failed video): zarr drops the chunks
+        self._cls[s : s + self._C] = cls
+
+    def close(self) -> None:
+        self._patches = self._cls = None

@@ -162,20 +162,23 @@ def test_bad_videos_are_recorded_and_skipped(small_toy, tmp_path):
 def test_cli_passes_options_to_the_library_and_exits_nonzero_when_nothing_was_extracted(small_toy, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run_extract(cfg, *, command, progress):
-        seen["cfg"], seen["command"], seen["progress"] = cfg, command, progress
+    def fake_run_extract(cfg, *, command, progress, torchrun):
+        seen["cfg"], seen["command"], seen["progress"], seen["torchrun"] = cfg, command, progress, torchrun
         from spool.extract import ExtractResult
 
         return ExtractResult(store=cfg.out, done=3, total_done=3)
 
     monkeypatch.setattr("spool.extract.run_extract", fake_run_extract)
     args = ["extract", str(small_toy), "--out", str(tmp_path / "x.zarr"), "--frames", "8", "--stride", "4",
-            "--clips", "3", "--size", "112", "--token-pool", "2", "--decoder", "pyav", "--weights", "random", "-q"]
+            "--clips", "3", "--size", "112", "--token-pool", "2", "--decoder", "pyav", "--weights", "random", "-q",
+            "--shard", "1/4"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.frames, cfg.stride, cfg.clips, cfg.image_size, cfg.token_pool, cfg.decoder, cfg.weights) == (
         8, 4, 3, 112, 2, "pyav", "random")
+    assert (cfg.shard.index, cfg.shard.count) == (1, 4) and seen["torchrun"] is None
     assert seen["progress"] is False
 
     bad = tmp_path / "bad"
