@@ -191,6 +191,11 @@ def _print_summary(summary: dict, out: Console) -> None:
     if summary.get("short_videos"):
         out.print(f"{summary['short_videos']} done videos are shorter than one clip: their frames repeat")
     out.print(f"on disk {summary['bytes_on_disk'] / 2**20:.1f} MiB")
+    if summary.get("unmerged_shard_videos"):
+        out.print(
+            f"[yellow]{summary['unmerged_shard_videos']} videos finished by shards are not merged yet[/] (shown as "
+            f"pending): run `spool merge-shards {summary['path']}`"
+        )
     table = Table("split", "done videos")
     for split, n in summary["done_videos_per_split"].items():
         if n:

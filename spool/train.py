@@ -237,12 +237,25 @@ def evaluate(model, inputs, features: FeatureSet, clips: np.ndarray, batch_size:
 
 def _open_store(path: str):
     from spool.stores import open_store
+    from spool.stores.shards import recorded_status
 
+    if unmerged := len(recorded_status(path)):
+        # Those videos would be missing from training without a word, skewing any comparison.
+        raise TrainError(
+            f"{path} holds {unmerged} videos in shard records not yet merged into the store; "
+            f"run `spool merge-shards {path}` first (it refuses while a shard still runs)"
+        )
     return open_store(path, mode="r")
 
 
 def load_features(
-    cfg: TrainConfig, store=None, *, splits: Splits | None = None, inputs: tuple[str, ...] | None = None
+    cfg: TrainConfig,
+    store=None,
+    *,
+    splits: Splits | None = None,
+    inputs: tuple[str, ...] | None = None,
+    device: torch.device | None = None,
+    processes_per_host: int = 1,
 ) -> tuple[FeatureSet, Splits]:
     """The FeatureSet (train + eval clips) and splits a TrainConfig asks for.
 

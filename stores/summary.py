@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from spool.sampling import clip_span
+from spool.stores.shards import recorded_status
 from spool.stores.base import DONE, FAILED, NO_SPLIT, SPLIT_NAMES, STATUS_NAMES, FeatureStore
 
 
@@ -59,4 +60,6 @@ def summarize(store: FeatureStore, max_failures: int = 20) -> dict[str, Any]:
         "num_failed": int(failed.size),
         "failures": [{"video_id": str(v.video_id[i]), "reason": str(v.error[i])} for i in failed[:max_failures]],
         "bytes_on_disk": bytes_on_disk(store.path),
+        # Videos that shards finished but nobody merged yet: counted above as pending.
+        "unmerged_shard_videos": len(recorded_status(store.path)),
     }

@@ -275,3 +275,21 @@ def test_torchrun_two_processes_give_the_single_process_store(small_toy, small_s
     assert sorted(p.name for p in shards_dir(out).iterdir() if not p.name.endswith(".lock")) == [
         "shard-00000-of-00002.done", "shard-00001-of-00002.done",
     ]
+
+
+def test_unmerged_records_are_shown_by_info_and_refused_by_training(tmp_path):
+    from spool.train import TrainConfig, TrainError, load_features
+
+    path = tmp_path / "s.zarr"
+    _new_store(path).close()
+    with ShardWriter(path, 0, 2) as w:
+        w.write_video(0, *_video(0))
+        w.write_video(2, *_video(2))
+    said = _flat(CliRunner().invoke(app, ["info", str(path)]).output)
+    assert "2 videos finished by shards are not merged yet" in said and "spool merge-shards" in said
+    with pytest.raises(TrainError, match="2 videos in shard records not yet merged.*spool merge-shards"):
+        load_features(TrainConfig(store=str(path), out=str(tmp_path / "run")))
+    merge_shards(path)
+    with open_store(path) as s:
+        assert (s.videos().status == DONE).sum() == 2
+    assert "not merged" not in CliRunner().invoke(app, ["info", str(path)]).output
