@@ -5,6 +5,8 @@ A grid is a flat set of overrides of ``TrainConfig`` (spool.train) applied with
 gives the cells, ``configs`` for extra cells, ``exclude`` to drop cells, ``seeds`` and
 ``baselines``. Keys are train-head's option names (``--batch-size`` -> ``batch-size`` or
 ``batch_size``) or TrainConfig field names; ``KEYS`` is the one table that maps them.
+The ``launcher`` section says where the runs execute (``LauncherConfig``: this machine, or
+one cluster job per run through submitit; ``LAUNCHER_KEYS`` maps its keys).
 docs/ablate.md is the schema reference.
 """
 
@@ -69,10 +71,62 @@ KEYS: dict[str, Option] = {
 FIELD_KEYS = {opt.field: key for key, opt in KEYS.items() if not opt.invert}
 TOP_KEYS = (
     "store", "out", "base", "grid", "configs", "exclude", "seeds", "baselines",
-    "split-seed", "cache", "device", "workers",
+    "split-seed", "cache", "device", "workers", "launcher",
 )  # fmt: skip
 # TrainConfig fields that say where or how a run executes, not what it computes
 RUN_FIELDS = ("store", "out", "seed", "resume", "cache", "workers", "device", "head")
+
+LAUNCHERS = ("local", "submitit")
+CLUSTERS = ("slurm", "local")  # submitit's executors: Slurm, or processes on this machine (trying, tests)
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Where the runs of a grid execute. ``local``: in this process or ``--jobs`` worker
+    processes. ``submitit``: one cluster job per run (spool.launcher), with these resources
+    per job; None leaves a resource to the partition's default."""
+
+    name: str = "local"  # "local" | "submitit"
+    cluster: str = "slurm"  # submitit's executor: "slurm" | "local"
+    partition: str | None = None
+    gpus_per_job: int = 1
+    cpus_per_job: int | None = None  # also the job's torch threads
+    time_min: int = 60  # time limit of each job, minutes
+    mem_gb: float | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: int | None = None  # at most this many jobs of the array run at once (sbatch --array=...%N)
+    setup: tuple[str, ...] = ()  # shell lines run before each job (module load ..., source .venv/bin/activate)
+    slurm_options: dict[str, Any] = field(default_factory=dict)  # more sbatch options: {"mail-type": "END"}
+
+
+# launcher-section key -> LauncherConfig field and allowed values (``setup`` and
+# ``slurm-options`` are lists/mappings, checked by _parse_launcher)
+LAUNCHER_KEYS: dict[str, Option] = {
+    "name": Option("name", str, choices=LAUNCHERS),
+    "cluster": Option("cluster", str, choices=CLUSTERS),
+    "partition": Option("partition", str, optional=True),
+    "gpus-per-job": Option("gpus_per_job", int, minimum=0),
+    "cpus-per-job": Option("cpus_per_job", int, optional=True, minimum=1),
+    "time": Option("time_min", int, minimum=1),
+    "mem-gb": Option("mem_gb", float, optional=True, minimum=0.0, exclusive_min=True),
+    "account": Option("account", str, optional=True),
+    "qos": Option("qos", str, optional=True),
+    "constraint": Option("constraint", str, optional=True),
+    "array-parallelism": Option("array_parallelism", int, optional=True, minimum=1),
+    "setup": Option("setup", list),
+    "slurm-options": Option("slurm_options", dict),
+}
+# the command-line option that sets each launcher key
+LAUNCHER_OPTIONS = {k: f"--{k}" for k in LAUNCHER_KEYS} | {"name": "--launcher", "slurm-options": "--slurm-option"}
+# sbatch options that LauncherConfig or submitit set: not allowed in slurm-options
+SBATCH_RESERVED = {
+    "partition": "partition", "time": "time", "mem": "mem-gb", "gpus-per-node": "gpus-per-job",
+    "cpus-per-task": "cpus-per-job", "account": "account", "qos": "qos", "constraint": "constraint",
+    "job-name": None, "array": "array-parallelism", "output": None, "error": None, "open-mode": None,
+    "signal": None, "nodes": None, "ntasks-per-node": None,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,6 +146,7 @@ class GridConfig:
     cache: str = "auto"
     device: str = "auto"
     workers: int = 2
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     source: str | None = None  # the grid file
 
     def to_json(self) -> dict:
@@ -136,6 +191,8 @@ def _lookup(key: Any, path: str) -> tuple[str, Option]:
 def _describe(opt: Option) -> str:
     if opt.choices:
         s = " | ".join(map(str, opt.choices))
+    elif opt.kind is str:
+        s = "a string"
     elif opt.kind is bool:
         s = "true | false"
     else:
@@ -157,7 +214,7 @@ def _value(opt: Option, value: Any, path: str) -> Any:
             raise bad
         return (not value) if opt.invert else value
     if opt.kind is str:
-        if not isinstance(value, str) or value not in opt.choices:
+        if not isinstance(value, str) or not value or (opt.choices and value not in opt.choices):
             raise bad
         return value
     if isinstance(value, bool):
@@ -221,7 +278,10 @@ def parse_grid(data: Any, *, source: str | None = None, **overrides) -> GridConf
         raise GridError(f"{where}{err}") from None
 
 
-def _parse(data: dict, source, store_override=None, out_override=None, cache_override=None, device_override=None) -> GridConfig:
+def _parse(
+    data: dict, source, store_override=None, out_override=None, cache_override=None, device_override=None,
+    launcher_override=None,
+) -> GridConfig:  # fmt: skip
     for key in data:
         if key not in TOP_KEYS and str(key).replace("_", "-") not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
@@ -308,12 +368,66 @@ def _parse(data: dict, source, store_override=None, out_override=None, cache_ove
         raise GridError(f"workers: expected an integer >= 0, got {workers!r}")
     if not axes and not configs and not baselines:
         raise GridError("nothing to run: give grid axes, configs or baselines")
+    launcher = _parse_launcher(data.get("launcher"), launcher_override or {})
+    if launcher.name == "submitit" and launcher.gpus_per_job == 0 and (device.startswith("cuda") or cache == "gpu"):
+        raise GridError(f"launcher.gpus-per-job: 0 GPUs per job, but device is {device!r} and cache {cache!r}; "
+                        "give each job a GPU or use device: cpu")  # fmt: skip
 
     return GridConfig(
         store=store, out=out, base=base, axes=tuple(axes), configs=configs, exclude=tuple(exclude),
         seeds=tuple(seeds), baselines=tuple(baselines), split_seed=split_seed, cache=cache, device=device,
-        workers=workers, source=source,
+        workers=workers, launcher=launcher, source=source,
     )  # fmt: skip
+
+
+def _parse_launcher(data: Any, overrides: dict[str, Any]) -> LauncherConfig:
+    """The launcher section (a mapping, or just the launcher's name), then the command line's
+    ``overrides`` (launcher keys -> values; they win, slurm-options merge key by key)."""
+    if isinstance(data, str):
+        data = {"name": data}
+    values: dict[str, Any] = {}
+    for source, mapping in (("file", _mapping(data, "launcher")), ("command line", overrides)):
+        for key, value in mapping.items():
+            k = str(key).replace("_", "-")
+            if k not in LAUNCHER_KEYS:
+                close = difflib.get_close_matches(k, sorted(LAUNCHER_KEYS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise GridError(f"launcher: unknown key {key!r}{hint}; allowed: {', '.join(LAUNCHER_KEYS)}")
+            path = f"launcher.{key}" if source == "file" else LAUNCHER_OPTIONS[k]
+            opt = LAUNCHER_KEYS[k]
+            if k == "setup":
+                lines = _list(value, path, allow_scalar=True)
+                if not all(isinstance(line, str) and line.strip() for line in lines):
+                    raise GridError(f"{path}: expected shell command lines (strings), got {value!r}")
+                values["setup"] = tuple(lines)
+            elif k == "slurm-options":
+                values["slurm_options"] = {**values.get("slurm_options", {}), **_slurm_options(value, path)}
+            else:
+                values[opt.field] = _value(opt, value, path)
+    launcher = LauncherConfig(**values)
+    if launcher.name == "local":
+        given = [LAUNCHER_OPTIONS[k.replace("_", "-")] for k in overrides if k.replace("_", "-") not in ("name",)]
+        if given:  # on the command line they can only mean a cluster run
+            raise GridError(f"{', '.join(given)}: options of the submitit launcher; add --launcher submitit "
+                            "(or launcher: submitit in the grid file)")  # fmt: skip
+    return launcher
+
+
+def _slurm_options(value: Any, path: str) -> dict[str, Any]:
+    out = {}
+    for key, v in _mapping(value, path).items():
+        where = f"{path} {key}" if path.startswith("--") else f"{path}.{key}"
+        k = str(key).strip().lstrip("-").replace("_", "-")
+        if not k or any(c.isspace() for c in k):
+            raise GridError(f"{path}: {key!r} is not an sbatch option name")
+        if k in SBATCH_RESERVED:
+            own = SBATCH_RESERVED[k]
+            why = f"set it with launcher.{own} / {LAUNCHER_OPTIONS[own]}" if own else "submitit sets it"
+            raise GridError(f"{where}: --{k} is not a free sbatch option here; {why}")
+        if v is None or isinstance(v, (list, dict)) or v is False:
+            raise GridError(f"{where}: expected a value (string or number) or true for a flag, got {v!r}")
+        out[k] = v
+    return out
 
 
 def _is_option(key: Any) -> bool:
@@ -324,9 +438,12 @@ def _is_option(key: Any) -> bool:
         return False
 
 
-def load_grid(path, *, store_override=None, out_override=None, cache_override=None, device_override=None) -> GridConfig:
+def load_grid(
+    path, *, store_override=None, out_override=None, cache_override=None, device_override=None, launcher_override=None
+) -> GridConfig:
     """Read and validate a grid YAML file; the ``*_override`` values (the command line's, None
-    for not given) replace its ``store``, ``out``, ``cache`` and ``device``."""
+    for not given) replace its ``store``, ``out``, ``cache`` and ``device``; ``launcher_override``
+    maps launcher keys (``partition``, ``time``, ...) given on the command line to their values."""
     import yaml
 
     path = Path(path)
@@ -338,7 +455,7 @@ def load_grid(path, *, store_override=None, out_override=None, cache_override=No
         raise GridError(f"{path}: not valid YAML: {err}") from None
     return parse_grid(
         data, source=str(path), store_override=store_override, out_override=out_override,
-        cache_override=cache_override, device_override=device_override,
+        cache_override=cache_override, device_override=device_override, launcher_override=launcher_override,
     )  # fmt: skip
 
 
