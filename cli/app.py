@@ -334,6 +334,29 @@ def ablate(
     jobs: Annotated[int, typer.Option(help="Runs in parallel processes (one GPU each on a multi-GPU machine).")] = 1,
     cache: Annotated[Optional[str], typer.Option(help="auto | none | memory | gpu; overrides the file's `cache`.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...; overrides the file's `device`.")] = None,
+    launcher: Annotated[
+        Optional[str], typer.Option(help="local (this machine) | submitit (one Slurm job per run); overrides the file's.")
+    ] = None,
+    cluster: Annotated[
+        Optional[str], typer.Option(help="submitit: slurm, or local (jobs as processes here, to try a grid).")
+    ] = None,
+    partition: Annotated[Optional[str], typer.Option(help="submitit: Slurm partition.")] = None,
+    gpus_per_job: Annotated[Optional[int], typer.Option(help="submitit: GPUs per job (default 1).")] = None,
+    cpus_per_job: Annotated[Optional[int], typer.Option(help="submitit: CPUs per job, also its torch threads.")] = None,
+    time: Annotated[Optional[int], typer.Option("--time", help="submitit: time limit per job, minutes (default 60).")] = None,
+    mem_gb: Annotated[Optional[float], typer.Option(help="submitit: memory per job, GB.")] = None,
+    account: Annotated[Optional[str], typer.Option(help="submitit: Slurm account.")] = None,
+    qos: Annotated[Optional[str], typer.Option(help="submitit: Slurm QOS.")] = None,
+    constraint: Annotated[Optional[str], typer.Option(help="submitit: Slurm node constraint (features).")] = None,
+    array_parallelism: Annotated[
+        Optional[int], typer.Option(help="submitit: at most this many jobs of the array at once.")
+    ] = None,
+    setup: Annotated[
+        Optional[list[str]], typer.Option(help="submitit: shell line run before each job (repeat the option).")
+    ] = None,
+    slurm_option: Annotated[
+        Optional[list[str]], typer.Option(help="submitit: extra sbatch option KEY=VALUE or KEY (repeat the option).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -341,27 +364,46 @@ def ablate(
 
     The grid file is validated whole before anything trains: base (train-head options for
     every run), grid (axes whose cartesian product gives the cells), exclude, configs (extra
-    cells), seeds, baselines (mean-linear, attentive-probe). Writes results.csv, results.json,
-    summary.md and plots into `out`.
+    cells), seeds, baselines (mean-linear, attentive-probe), launcher. Writes results.csv,
+    results.json, summary.md and plots into `out`. With --launcher submitit each run is a
+    Slurm job; Ctrl-C leaves them running and a re-run re-attaches to them.
     """
     from spool.ablate import print_plan, run_ablation
     from spool.data import FeatureSetError
     from spool.grid import load_grid
+    from spool.launcher import LauncherError
     from spool.stores import StoreError
     from spool.train import TrainError
 
+    given = {
+        "name": launcher, "cluster": cluster, "partition": partition, "gpus-per-job": gpus_per_job,
+        "cpus-per-job": cpus_per_job, "time": time, "mem-gb": mem_gb, "account": account, "qos": qos,
+        "constraint": constraint, "array-parallelism": array_parallelism, "setup": setup or None,
+        "slurm-options": dict(_key_value(o) for o in slurm_option) if slurm_option else None,
+    }  # fmt: skip
+    grid = None
     try:
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
-                         device_override=device)  # fmt: skip
+                         device_override=device, launcher_override={k: v for k, v in given.items() if v is not None})  # fmt: skip
         result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
-    except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError) as err:
+    except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)
+    except KeyboardInterrupt:
+        if grid is None or grid.launcher.name == "local":  # submitit's jobs: the launcher said what became of them
+            console.print("[bold red]interrupted:[/] finished runs are kept; re-run the same command to resume")
+        raise typer.Exit(130)
     if dry_run:
         print_plan(result, Console())
         return
     if result.failed:
         console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
         raise typer.Exit(1)
+
+
+def _key_value(option: str) -> tuple[str, str | bool]:
+    """--slurm-option mail-type=END -> ("mail-type", "END"); --slurm-option exclusive -> ("exclusive", True)."""
+    key, sep, value = option.partition("=")
+    return key.strip(), value if sep else True
 
 
 @app.command("show-mask")

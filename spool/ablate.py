@@ -11,6 +11,9 @@ atomically, last): a re-run skips complete runs and continues half-done ones fro
 ``checkpoint_last.pt`` (train_head's resume), so an ablation killed at any moment finishes
 with the results of an uninterrupted one. A failing run is recorded in its ``error.json``
 and the row's ``error`` column; the others go on, and the next invocation retries it.
+
+With ``launcher: submitit`` (spool.launcher) each run is a cluster job instead, trained by
+the same ``_train`` into the same folders, so the results do not depend on the launcher.
 """
 
 from __future__ import annotations
@@ -208,9 +211,15 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
 
     ``jobs > 1`` trains in that many worker processes (spawned; each loads the features
     once per token_pool it meets; on a machine with several GPUs and ``device: auto`` worker
-    i uses cuda:i mod n). ``dry_run`` validates and plans without training or writing."""
+    i uses cuda:i mod n). With ``grid.launcher.name == "submitit"`` each run is a cluster job
+    (spool.launcher.run_jobs) and results.csv, results.json and summary.md are rewritten as
+    jobs end. ``dry_run`` validates and plans without training or writing."""
     if jobs < 1:
         raise GridError(f"jobs must be >= 1, got {jobs}")
+    submitit = grid.launcher.name == "submitit"
+    if submitit and jobs != 1:
+        raise GridError(f"jobs: --jobs {jobs} is for the local launcher; the submitit launcher runs one job per run "
+                        "(launcher.array-parallelism limits how many run at once)")  # fmt: skip
     cells, runs = plan_ablation(grid)
     result = AblationResult(grid=grid, cells=cells, runs=runs, dry_run=dry_run)
     pending = [r for r in runs if not is_complete(r)]
@@ -221,6 +230,10 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
 
     from rich.console import Console
 
+    if submitit and pending:
+        from spool.launcher import require_submitit
+
+        require_submitit()  # a missing package is said before anything is written
     console = Console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,13 +250,22 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
         result.failed += record["status"] != "ok"
         if progress:
             what = f"top-1 {record['top1']:.3f}" if record["status"] == "ok" else f"[red]failed[/] {record['error']}"
-            console.print(f"[{done}/{len(pending)}] {run.cell.id} seed {run.seed}: {what} ({record['wall_s']:.1f}s)")
+            wall = f" ({record['wall_s']:.1f}s)" if record.get("wall_s") is not None else ""
+            console.print(f"[{done}/{len(pending)}] {run.cell.id} seed {run.seed}: {what}{wall}")
 
     by_pool: dict[int, list[Run]] = defaultdict(list)
     for r in pending:
         by_pool[r.cfg.token_pool].append(r)
     heads_by_pool = {p: {r.cfg.head for r in rs} for p, rs in by_pool.items()}
-    if jobs == 1:
+    if submitit and pending:
+        from spool.launcher import run_jobs
+
+        def update() -> None:  # results so far, unfinished runs as "pending" (plots at the end)
+            _collect_rows(result)
+            write_results(result, plots=False)
+
+        run_jobs(grid, pending, report, on_update=update, console=console, progress=progress)
+    elif jobs == 1:
         for pool, group in by_pool.items():
             features = _load_group(grid, pool, heads_by_pool[pool])
             try:
@@ -254,8 +276,7 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     elif pending:
         _run_parallel(grid, pending, heads_by_pool, jobs, report)
 
-    result.rows = [_row(grid, r, _read_record(r)) for r in runs]
-    result.summary = summarize(grid, cells, result.rows)
+    _collect_rows(result)
     write_results(result)
     if progress:
         print_summary(result, console)
@@ -290,6 +311,11 @@ def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
 
 
 # --- results ------------------------------------------------------------------------------
+
+
+def _collect_rows(result: AblationResult) -> None:
+    result.rows = [_row(result.grid, r, _read_record(r)) for r in result.runs]
+    result.summary = summarize(result.grid, result.cells, result.rows)
 
 
 def _read_record(run: Run) -> dict:
@@ -339,7 +365,7 @@ def summarize(grid: GridConfig, cells: list[Cell], rows: list[dict]) -> list[dic
     return summary
 
 
-def write_results(result: AblationResult) -> None:
+def write_results(result: AblationResult, *, plots: bool = True) -> None:
     """results.csv, results.json, summary.md and plots/ in ``out``; each replaced atomically."""
     out = result.out
     rows = result.rows
@@ -354,7 +380,8 @@ def write_results(result: AblationResult) -> None:
     tmp = out / "summary.md.tmp"
     tmp.write_text(summary_markdown(result))
     os.replace(tmp, out / "summary.md")
-    plot_results(result, out / "plots")
+    if plots:
+        plot_results(result, out / "plots")
 
 
 def _pm(mean, std, n) -> str:
@@ -431,6 +458,11 @@ def print_plan(result: AblationResult, console=None) -> None:
     console.print(table)
     if g.base:
         console.print(f"base: {_fmt_overrides(g.base)}")
+    if g.launcher.name == "submitit":
+        from spool.launcher import plan_lines
+
+        for line in plan_lines(g, [r for r in result.runs if not is_complete(r)]):
+            console.print(line, markup=False, highlight=False)
 
 
 # --- plots --------------------------------------------------------------------------------
