@@ -30,7 +30,9 @@ from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES
-from spool.stores.shards import ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards
+from spool.stores.shards import (
+    ShardReport, ShardWriter, current_status, recorded_status, shard_report, shard_videos, wait_for_shards,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -320,11 +322,7 @@ def _merge_if_alone(out: Path) -> None:
 
 
 def _total_done(out: Path) -> int:
-    with open_store(out) as store:
-        status = store.videos().status.copy()
-    for v, st in recorded_status(out).items():
-        status[v] = st
-    return int((status == DONE).sum())
+    return int((current_status(out) == DONE).sum())
 
 
 class _ProcessGroup:

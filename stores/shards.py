@@ -111,7 +111,41 @@ def read_journals(path: str | Path) -> list[Journal]:
     d = shards_dir(path)
     if not d.is_dir():
         return []
-    return [read_journal(f) for f in sorted(d.iterdir()) if _JOURNAL.fullmatch(f.name)]
+    journals = []
+    for f in sorted(d.iterdir()):
+        if _JOURNAL.fullmatch(f.name):
+            try:
+                journals.append(read_journal(f))
+            except FileNotFoundError:  # merged meanwhile: its records are in the store now
+                pass
+    return journals
+
+
+def _finished(file: Path) -> bool:
+    """Whether a journal's last whole line is the finish marker, reading only its tail (rank 0
+    polls this while the other ranks work; their journals grow to megabytes)."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 256))
+            tail = f.read()
+    except FileNotFoundError:
+        return False
+    lines = tail.split(b"\n")
+    return len(lines) > 1 and b'"finished":true' in lines[-2]
+
+
+def current_status(path: str | Path) -> np.ndarray:
+    """Every video's status as the shards left it: the store's, with unmerged records applied.
+    Journals are read before the store: a merge deletes a journal only after writing its
+    records into the store, so a merge running meanwhile cannot hide a video."""
+    from spool.stores import open_store
+
+    recorded = recorded_status(path)
+    with open_store(path, "r") as store:
+        status = store.videos().status.copy()
+    for v, st in recorded.items():
+        status[v] = st
+    return status
 
 
 def recorded_status(path: str | Path) -> dict[int, int]:
@@ -284,26 +318,20 @@ def shard_report(path: str | Path) -> ShardReport:
     d = shards_dir(path)
     report = ShardReport(path=str(path))
     plans: dict[int, set[int]] = {}
+    # Journals, then markers, then the store: the order a merge creates them in reverse, so
+    # a merge running meanwhile cannot hide a finished shard or a video.
+    journals = read_journals(path)
+    for j in journals:
+        plans.setdefault(j.count, set()).update({j.index} if j.finished else set())
     if d.is_dir():
         for f in d.iterdir():
             if m := _MARKER.fullmatch(f.name):
                 plans.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    journals = read_journals(path)
-    recorded: dict[int, int] = {}
-    for j in journals:
-        recorded.update({v: int(r["status"]) for v, r in j.records.items()})
-        if j.finished:
-            plans.setdefault(j.count, set()).add(j.index)
-        else:
-            plans.setdefault(j.count, set())
     report.count = max(plans, default=0)
     report.finished = sorted(plans.get(report.count, set()))
     report.running_or_killed = sorted(j.index for j in journals if j.count == report.count and not j.finished)
-    report.unmerged_videos = len(recorded)
-    with open_store(path, "r") as store:
-        status = store.videos().status.copy()
-    for v, st in recorded.items():
-        status[v] = st
+    report.unmerged_videos = len({v for j in journals for v in j.records})
+    status = current_status(path)
     pending = np.flatnonzero(status == PENDING)
     report.pending_videos = int(pending.size)
     if report.count:
@@ -317,13 +345,10 @@ def wait_for_shards(path: str | Path, count: int, *, poll: float = 5.0, on_wait=
     ``on_wait(unfinished)`` is called after each poll that still finds some running."""
     d = shards_dir(path)
     while True:
-        done = set()
-        for j in read_journals(path):
-            if j.count == count and j.finished:
-                done.add(j.index)
-        if d.is_dir():
-            done |= {int(m.group(1)) for f in d.iterdir() if (m := _MARKER.fullmatch(f.name)) and int(m.group(2)) == count}
-        unfinished = sorted(set(range(count)) - done)
+        unfinished = [
+            i for i in range(count)
+            if not (_finished(d / f"{_stem(i, count)}.jsonl") or (d / f"{_stem(i, count)}.done").exists())
+        ]  # fmt: skip
         if not unfinished:
             return
         if on_wait is not None:

@@ -293,3 +293,31 @@ def test_unmerged_records_are_shown_by_info_and_refused_by_training(tmp_path):
     with open_store(path) as s:
         assert (s.videos().status == DONE).sum() == 2
     assert "not merged" not in CliRunner().invoke(app, ["info", str(path)]).output
+
+
+def test_rank_zero_waits_until_every_shard_has_finished(tmp_path):
+    import threading
+
+    from spool.stores.shards import wait_for_shards
+
+    path = tmp_path / "s.zarr"
+    _new_store(path).close()
+    with ShardWriter(path, 0, 2) as w:
+        w.write_video(0, *_video(0))
+        w.finish()
+    late = ShardWriter(path, 1, 2)
+    late.write_video(1, *_video(1))
+    waits: list[list[int]] = []
+
+    def finish_later() -> None:
+        time.sleep(0.3)
+        late.finish()
+        late.close()
+
+    thread = threading.Thread(target=finish_later)
+    thread.start()
+    wait_for_shards(path, 2, poll=0.05, on_wait=waits.append)
+    thread.join()
+    assert waits and all(w == [1] for w in waits)  # it waited, for shard 1 only
+    merge_shards(path)
+    wait_for_shards(path, 2, poll=0.05, on_wait=lambda u: pytest.fail(f"waited for {u} after the merge"))
