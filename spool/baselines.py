@@ -93,7 +93,9 @@ class CrossAttention(nn.Module):
         N, H = x.shape[1], self.num_heads
         q = self.q(q).view(B, Q, H, D // H).transpose(1, 2)  # (B, H, Q, hs)
         k, v = self.kv(x).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, Q, hs)
+        # B = 0 is a process's empty share of a small last batch under torchrun: SDPA kernels need
+        # not accept it, but the (empty) result must still depend on every weight for DDP.
+        y = F.scaled_dot_product_attention(q, k, v) if B else q + v.sum(2, keepdim=True)  # (B, H, Q, hs)
         return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
 

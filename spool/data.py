@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
+from spool.ddp import share
+from spool.distributed import Shard
 from spool.stores.base import NO_SPLIT, SPLIT_CODES, FeatureStore
 
 INPUTS = ("patches", "cls")
@@ -201,7 +203,9 @@ class FeatureSet:
 
     ``inputs`` names what the heads need: ``("patches",)``, ``("cls",)`` or both; a
     mean-linear head never reads patches. ``splits``, when given, travels with the set so
-    that every run trained on it uses the same train/eval clips.
+    that every run trained on it uses the same train/eval clips. ``processes_per_host``: how
+    many processes on this machine each build their own set (torchrun ranks); "auto" and
+    "memory" then budget each one that share of the available RAM.
     """
 
     def __init__(
@@ -216,6 +220,7 @@ class FeatureSet:
         workers: int = 2,
         read_batch: int = 32,
         splits: Splits | None = None,
+        processes_per_host: int = 1,
     ):
         unknown = set(inputs) - set(INPUTS)
         if unknown or not inputs:
@@ -242,6 +247,7 @@ class FeatureSet:
         self.workers = max(0, int(workers))
         self.read_batch = int(read_batch)
         self.device = torch.device(device)
+        self.processes_per_host = max(1, int(processes_per_host))
 
         self.cache, self.cache_reason = self._resolve_cache(cache)
         self._local = threading.local()  # per-thread scratch buffers for pooled reads
@@ -278,17 +284,19 @@ class FeatureSet:
             return "gpu", f"{_gib(need)} on {self.device} ({_gib(free)} free)"
         if cache == "none":
             return "none", "reading from the store every epoch (cache='none')"
-        avail = available_memory_bytes()
+        # each of the processes_per_host processes on this machine holds its own copy
+        avail = available_memory_bytes() // self.processes_per_host
+        where = "available" if self.processes_per_host == 1 else f"available to each of {self.processes_per_host} processes"
         if cache == "memory":
             if need > 0.9 * avail:
                 raise FeatureSetError(
                     f"cache='memory': the features need {_gib(need)} but only {_gib(avail)} of RAM is "
-                    f"available (limit 90%); use cache='none', a larger token_pool, or fewer clips"
+                    f"{where} (limit 90%); use cache='none', a larger token_pool, or fewer clips"
                 )
-            return "memory", f"{_gib(need)} in RAM ({_gib(avail)} available)"
+            return "memory", f"{_gib(need)} in RAM ({_gib(avail)} {where})"
         if need <= 0.5 * avail:
-            return "memory", f"auto: {_gib(need)} fits in RAM ({_gib(avail)} available)"
-        return "none", f"auto: {_gib(need)} is more than half of the {_gib(avail)} available RAM; reading per batch"
+            return "memory", f"auto: {_gib(need)} fits in RAM ({_gib(avail)} {where})"
+        return "none", f"auto: {_gib(need)} is more than half of the {_gib(avail)} RAM {where}; reading per batch"
 
     # -- reading --
     def _read(self, pos: np.ndarray, dest: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -379,6 +387,7 @@ class FeatureSet:
         epoch: int = 0,
         device: str | torch.device = "cpu",
         drop_last: bool = False,
+        shard: Shard | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of the given clips as tensors on ``device``.
 
@@ -386,12 +395,16 @@ class FeatureSet:
         inputs of this set: ``patches`` (B, T, L', D) and/or ``cls`` (B, T, D), float16.
         Shuffling is a function of (seed, epoch) alone, so a resumed run sees the same
         batches. Clips inside a batch are in store order (one sorted read per batch).
+        ``shard``: yield only this shard's contiguous part of every batch (spool.ddp.share;
+        it may be empty), so that the shards of one batch, in order, are the batch.
         """
         pos = self.positions(clip_indices)
         if shuffle:
             pos = pos[np.random.default_rng([seed, epoch]).permutation(len(pos))]
         stop = len(pos) - (len(pos) % batch_size if drop_last else 0)
         groups = [np.sort(pos[s : min(s + batch_size, stop)]) for s in range(0, stop, batch_size)]
+        if shard is not None:
+            groups = [g[share(len(g), shard)] for g in groups]
         device = torch.device(device)
         if self.cache == "none":
             source = self._chunks(groups)  # fresh arrays per batch: the caller may keep them

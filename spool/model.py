@@ -161,7 +161,9 @@ class BidirectionalTemporalAttention(nn.Module):
         B, S, D = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, hd)
-        y = ATTENTION[self.backend](q, k, v, **self.rule)  # (B, H, S, hd)
+        # B = 0 is a process's empty share of a small last batch under torchrun: it must still
+        # run forward and backward (the collectives), but attention kernels need not accept it.
+        y = ATTENTION[self.backend](q, k, v, **self.rule) if B else v  # (B, H, S, hd)
         y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, dim)
         return self.dropout(self.proj(y))
 

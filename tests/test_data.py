@@ -228,6 +228,15 @@ def test_memory_cache_refuses_what_does_not_fit(tmp_path, monkeypatch):
         FeatureSet(store, np.arange(12), cache="gpu")
 
 
+
+def test_processes_on_one_machine_share_its_ram(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "s.zarr", num_videos=6)  # 12 clips of 256 bytes of patches
+    monkeypatch.setattr(data, "available_memory_bytes", lambda: 8 * 12 * 256)
+    assert FeatureSet(store, np.arange(12), cache="auto").cache == "memory"  # needs half of it
+    fs = FeatureSet(store, np.arange(12), cache="auto", processes_per_host=8)  # torchrun ranks, one copy each
+    assert fs.cache == "none" and "each of 8 processes" in fs.cache_reason
+
+
 def test_feature_set_rejects_unfinished_and_unloaded_clips(tmp_path):
     store = make_store(tmp_path / "s.zarr", num_videos=6, done={0, 1, 2, 3})
     with pytest.raises(FeatureSetError, match="not DONE"):
