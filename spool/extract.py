@@ -29,7 +29,7 @@ from spool.distributed import Shard, TorchrunEnv
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
-from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES
+from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES, StoreBusyError
 from spool.stores.shards import (
     ShardReport, ShardWriter, current_status, recorded_status, shard_report, shard_videos, wait_for_shards,
 )  # fmt: skip
@@ -316,7 +316,7 @@ def _waiting_notice(enabled: bool, every_s: float = 30.0):
 def _merge_if_alone(out: Path) -> None:
     try:
         store = open_store(out, mode="a")  # merges, if no other shard holds the store
-    except StoreError:
+    except StoreBusyError:
         return  # others still run; the last of them merges
     store.close()
 

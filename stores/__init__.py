@@ -21,6 +21,7 @@ from spool.stores.base import (
     SPLIT_NAMES,
     STATUS_NAMES,
     ClipTable,
+    StoreBusyError,
     FeatureStore,
     StoreError,
     VideoTable,
@@ -109,6 +110,6 @@ from spool.stores.summary import summarize  # noqa: E402  (summary imports base,
 
 __all__ = [
     "DONE", "FAILED", "NO_SPLIT", "NON_CONTENT_ATTRS", "PENDING", "SCHEMA_VERSION", "SPLIT_CODES", "SPLIT_NAMES",
-    "STATUS_NAMES", "ClipTable", "FeatureStore", "StoreError", "VideoTable", "backend_for", "create_store",
+    "STATUS_NAMES", "ClipTable", "FeatureStore", "StoreBusyError", "StoreError", "VideoTable", "backend_for", "create_store",
     "fingerprint", "open_store", "summarize",
 ]

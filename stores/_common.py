@@ -18,7 +18,8 @@ import numpy as np
 import abc
 
 from spool.stores.base import (
-    DONE, FAILED, NO_SPLIT, PENDING, SCHEMA_VERSION, SPLIT_CODES, ClipTable, FeatureStore, StoreError, VideoTable,
+    DONE, FAILED, NO_SPLIT, PENDING, SCHEMA_VERSION, SPLIT_CODES, ClipTable, FeatureStore, StoreBusyError, StoreError,
+    VideoTable,
 )
 
 # Attributes that describe how or when a store was made, not what it holds: they are left
@@ -269,11 +270,11 @@ class WriterLock:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 if shared:
-                    raise StoreError(
+                    raise StoreBusyError(
                         f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): a "
                         "non-sharded `spool extract` or a shard merge holds it. Wait for it to finish, or stop it."
                     ) from None
-                raise StoreError(
+                raise StoreBusyError(
                     f"{store_path} is locked for writing by PID {holder} (lock file {self.lock_path}): another "
                     "`spool extract`, or the shards of a sharded one, are writing it. Wait for them to finish, "
                     "or stop them."

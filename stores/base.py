@@ -45,6 +45,10 @@ class StoreError(RuntimeError):
     """A store that cannot be opened, created or written as asked; the message says why."""
 
 
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock (or this shard's lock)."""
+
+
 @dataclass(frozen=True)
 class VideoTable:
     video_id: np.ndarray  # (M,) object (str)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from spool.stores._common import WriterLock, check_video_write, truncate_reason
-from spool.stores.base import DONE, FAILED, PENDING, StoreError
+from spool.stores.base import DONE, FAILED, PENDING, StoreBusyError, StoreError
 
 _JOURNAL = re.compile(r"shard-(\d+)-of-(\d+)\.jsonl")
 _MARKER = re.compile(r"shard-(\d+)-of-(\d+)\.done")
@@ -178,8 +178,8 @@ class ShardWriter:
             stem = _stem(index, count)
             try:
                 self._shard_lock = WriterLock(d / f"{stem}.lock", self.path)
-            except StoreError:
-                raise StoreError(
+            except StoreBusyError:
+                raise StoreBusyError(
                     f"shard {index}/{count} of {self.path} is already being written by another process "
                     f"(lock file {d / (stem + '.lock')}); each shard runs once at a time"
                 ) from None

@@ -321,3 +321,22 @@ def test_rank_zero_waits_until_every_shard_has_finished(tmp_path):
     assert waits and all(w == [1] for w in waits)  # it waited, for shard 1 only
     merge_shards(path)
     wait_for_shards(path, 2, poll=0.05, on_wait=lambda u: pytest.fail(f"waited for {u} after the merge"))
+
+
+def test_a_finishing_shard_skips_the_merge_only_while_others_hold_the_store(tmp_path):
+    from spool.extract import _merge_if_alone
+
+    path = tmp_path / "s.zarr"
+    _new_store(path).close()
+    with ShardWriter(path, 0, 2) as w:
+        w.write_video(0, *_video(0))
+        w.finish()
+        _merge_if_alone(path)  # shard 0 still holds the store: no merge, no error
+        assert shard_report(path).unmerged_videos == 1
+    _merge_if_alone(path)
+    assert shard_report(path).unmerged_videos == 0
+    with ShardWriter(path, 1, 2) as w:
+        w.write_video(1, *_video(1))
+    (shards_dir(path) / "shard-00001-of-00002.jsonl").write_bytes(b"not json\n")
+    with pytest.raises(StoreError, match="not JSON"):  # damage is reported, not taken for a busy store
+        _merge_if_alone(path)
