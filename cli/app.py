@@ -299,14 +299,20 @@ def train_head(
     resume: Annotated[bool, typer.Option(help="Continue from checkpoint_last.pt in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train and evaluate a temporal head on cached features only; writes config, metrics, checkpoints, plots."""
+    """Train and evaluate a temporal head on cached features only; writes config, metrics, checkpoints, plots.
+
+    Under torchrun (`torchrun --nproc-per-node 8 -m spool train-head ...`) the processes train
+    one model with DistributedDataParallel, one GPU each; --batch-size stays the global batch
+    and the result equals one process's. Rank 0 writes the outputs."""
     from spool.checkpoint import CheckpointError
     from spool.data import FeatureSetError
+    from spool.distributed import torchrun_env
     from spool.stores import StoreError
     from spool.train import NonFiniteLossError, TrainConfig, TrainError
     from spool.train import train_head as run_train_head
 
     out = out or Path("runs") / f"{store.stem}-{head}"
+    rank = torchrun_env()
     try:
         cfg = TrainConfig(
             store=str(store), out=str(out), head=head, num_heads=heads, lookahead=lookahead, lookback=lookback,
@@ -315,12 +321,12 @@ def train_head(
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
             seed=seed, val_fraction=val_fraction, cache=cache, workers=workers, device=device, resume=resume,
         )  # fmt: skip
-        result = run_train_head(cfg, progress=not quiet)
+        result = run_train_head(cfg, progress=not quiet, dist=rank)
     except NonFiniteLossError as err:
         _fail(err, code=1)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, CheckpointError) as err:
         _fail(err)
-    if not quiet:
+    if not quiet and (rank is None or rank.rank == 0):
         console.print(f"{out}: top-1 {100 * result.top1:.1f}% (best epoch {result.best.get('epoch')})")
 
 

@@ -11,6 +11,12 @@ Evaluation uses the store's val split, or its test split when it has no val; a s
 without split codes gets a val split drawn per video, stratified by class (spool.data).
 On CPU a run is bit-for-bit reproducible from its seed (weights, dropout and batch order);
 on CUDA, bf16 autocast and non-deterministic kernels allow small differences.
+
+Under torchrun (``train_head(cfg, dist=torchrun_env())``) the run trains with
+DistributedDataParallel: ``batch_size`` stays the global batch, each rank takes one share of
+every batch (spool.ddp), and the result equals one process's within floating-point
+tolerance; with dropout the masks differ (each rank draws its own), so such runs are equal
+in distribution only.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from spool.checkpoint import (
     strip_compile_prefix,
 )
 from spool.data import FeatureSet, Splits, assign_splits
+from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
+from spool.distributed import TorchrunEnv, rank_device
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
 
@@ -90,6 +98,9 @@ class TrainConfig:
 
 
 # Options that change how a run executes but not what it computes; resume ignores them.
+# The number of processes (torchrun's world size) is not an option but belongs here too: it is
+# recorded in config.json and the checkpoints, and a run may resume with another one, since
+# the result is the same function of the options (except with dropout, see _run).
 RESUME_FREE_KEYS = ("resume", "cache", "workers", "device", "out", "store")
 
 
@@ -219,16 +230,26 @@ def _set_rng_state(state: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, inputs, features: FeatureSet, clips: np.ndarray, batch_size: int, device) -> dict:
+def evaluate(
+    model, inputs, features: FeatureSet, clips: np.ndarray, batch_size: int, device, ranks: Ranks = Ranks()
+) -> dict:
+    """Video-level metrics of ``model`` on ``clips``. With several ranks each evaluates a
+    contiguous run of the batches one process would make, and the clip logits are gathered in
+    order: every rank gets the metrics of one process."""
     model.eval()
-    logits, labels, videos = [], [], []
-    for batch in features.batches(clips, batch_size, device=device):
+    num_batches = math.ceil(len(clips) / batch_size)
+    mine = share(num_batches, ranks.shard)
+    logits = [np.zeros((0, features.num_classes), np.float32)]
+    labels, videos = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for batch in features.batches(clips[mine.start * batch_size : mine.stop * batch_size], batch_size, device=device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = _forward(model, inputs, batch)
         logits.append(out.float().cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
         videos.append(batch["video"].numpy())
-    _, vlogits, vlabels = video_logits(np.concatenate(logits), np.concatenate(videos), np.concatenate(labels))
+    parts = ranks.gather((np.concatenate(logits), np.concatenate(labels), np.concatenate(videos)))
+    logits, labels, videos = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    _, vlogits, vlabels = video_logits(logits, videos, labels)
     return classification_metrics(vlogits, vlabels, features.num_classes)
 
 
@@ -263,7 +284,8 @@ def load_features(
     inputs and token_pool it covers: ``inputs=("patches", "cls")`` serves every head. Runs
     on a shared set use its splits (drawn with ``cfg.seed`` and ``cfg.val_fraction`` of the
     config given here), so a grid over seeds varies the head's initialisation and batch
-    order, not the split. The caller closes ``features.store`` when done."""
+    order, not the split. The caller closes ``features.store`` when done. ``device`` (default:
+    ``cfg.device`` resolved) and ``processes_per_host`` go to the FeatureSet."""
     store = store if store is not None else _open_store(cfg.store)
     if splits is None:
         t = store.clips()
@@ -275,14 +297,15 @@ def load_features(
         token_pool=cfg.token_pool,
         inputs=inputs or HEAD_INPUTS[cfg.head],
         cache=cfg.cache,
-        device=resolve_device(cfg.device),
+        device=device if device is not None else resolve_device(cfg.device),
         workers=cfg.workers,
         splits=splits,
+        processes_per_host=processes_per_host,
     )
     return features, splits
 
 
-def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Splits, device) -> dict:
+def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Splits, device, world_size: int) -> dict:
     return {
         "train": asdict(cfg),
         "head": cfg.head,
@@ -290,7 +313,8 @@ def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Split
         "store": {"path": features.store_path, "fingerprint": features.fingerprint},
         "splits": splits.summary(),
         "features": features.describe(),
-        "device": str(device),
+        "device": str(device),  # rank 0's
+        "world_size": world_size,  # processes that trained together (torchrun); 1 alone
         "torch": torch.__version__,
     }
 
@@ -312,6 +336,7 @@ def train_head(
     features: FeatureSet | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    dist: TorchrunEnv | None = None,
 ) -> TrainResult:
     """Train ``cfg.head`` on the store's train split, evaluate each epoch on the eval split
     (val, or the store's test split when it has no val), write the outputs to ``cfg.out``.
@@ -319,17 +344,35 @@ def train_head(
     ``features``: a FeatureSet from ``load_features`` to reuse (it must come from the same
     store, hold the head's inputs with the same token_pool, and carry its splits).
     ``on_epoch_end`` is called after each epoch's checkpoint is written.
+    ``dist``: this process's place under torchrun (``spool.distributed.torchrun_env()``, read
+    by the command line). The processes then train one model with DistributedDataParallel
+    (NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU), ``cfg.batch_size`` being the global batch;
+    every rank returns the same result, rank 0 alone writes and prints, ``on_epoch_end`` runs
+    on every rank.
     Raises NonFiniteLossError on a NaN/inf loss, ResumeMismatchError when resuming with
     other options than the checkpoint's.
     """
     _check(cfg)
-    device = resolve_device(cfg.device)
+    if dist is None:
+        return _train(cfg, features, progress, on_epoch_end, Ranks(), resolve_device(cfg.device))
+    if cfg.batch_size < dist.world_size:
+        raise TrainError(
+            f"--batch-size {cfg.batch_size} is the global batch, split over the {dist.world_size} processes; "
+            f"it must be at least {dist.world_size}, one clip per process"
+        )
+    device = rank_device(cfg.device, dist)
+    with process_group(dist, device) as ranks:
+        return _train(cfg, features, progress, on_epoch_end, ranks, device)
+
+
+def _train(cfg, features: FeatureSet | None, progress, on_epoch_end, ranks: Ranks, device) -> TrainResult:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     owns_store = features is None
     if features is None:
-        features, splits = load_features(cfg)
+        features, splits = load_features(cfg, device=device, processes_per_host=ranks.per_host())
     else:
         splits = features.splits
         if splits is None:
@@ -343,13 +386,20 @@ def train_head(
                 f"but head {cfg.head!r} needs {needed} with token_pool={cfg.token_pool}"
             )
     try:
-        return _run(cfg, features, splits, device, out, progress, on_epoch_end)
+        return _run(cfg, features, splits, device, out, progress and ranks.main, on_epoch_end, ranks)
     finally:
         if owns_store:
             features.store.close()
 
 
-def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress, on_epoch_end) -> TrainResult:
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's epoch in a run of several processes (dropout masks)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _run(
+    cfg, features: FeatureSet, splits: Splits, device, out: Path, progress, on_epoch_end, ranks: Ranks
+) -> TrainResult:
     inputs = HEAD_INPUTS[cfg.head]
     head_cfg = make_head_config(
         cfg,
@@ -358,10 +408,13 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
         num_tokens=features.num_tokens,
         num_classes=features.num_classes,
     )
-    config = _config_json(cfg, head_cfg, features, splits, device)
+    config = _config_json(cfg, head_cfg, features, splits, device, ranks.world_size)
 
     torch.manual_seed(cfg.seed)  # weights and dropout; batch order comes from (seed, epoch)
     model = build_head(cfg.head, head_cfg, device=device)
+    if ranks.world_size > 1:
+        # Statistics of the global batch, as one process computes them; same state_dict keys.
+        sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     if len(splits.train) < 2:
         raise TrainError(f"{cfg.store}: the train split holds {len(splits.train)} clip(s); training needs at least 2")
@@ -374,8 +427,10 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
 
     start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0}
     last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
-    if cfg.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
+    # Rank 0 reads the checkpoint and hands it to the others: every rank resumes from the same
+    # one, and the other machines of a multi-node run need not see rank 0's --out.
+    ckpt = ranks.broadcast(load_checkpoint(last_path) if ranks.main and cfg.resume and last_path.exists() else None)
+    if ckpt is not None:
         saved, wanted = ckpt["train"], asdict(cfg)
         diff = [f"{k} (saved {saved.get(k)!r}, asked {wanted.get(k)!r})" for k in _diff_keys(saved, wanted)]
         if ckpt["store"].get("fingerprint") != features.fingerprint:
@@ -384,6 +439,15 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
             raise ResumeMismatchError(
                 f"{last_path} was trained with other options; differing: {', '.join(diff)}. "
                 "Resume with the same options, or train into a new --out."
+            )
+        saved_world = ckpt.get("world_size", 1)
+        if cfg.dropout > 0 and saved_world != ranks.world_size:
+            # Each rank draws its own dropout masks, so with dropout the run depends on the
+            # number of processes; without, resuming with another number gives the same result.
+            raise ResumeMismatchError(
+                f"{last_path} was trained by {saved_world} process(es) with dropout {cfg.dropout}; its dropout masks "
+                f"depend on the number of processes, and this run has {ranks.world_size}. Resume with "
+                f"{saved_world} process(es) (torchrun --nnodes x --nproc-per-node), or train into a new --out."
             )
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
         try:
@@ -397,18 +461,29 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
         _set_rng_state(ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         history = [EpochRecord(**h) for h in ckpt["history"]]
-    _atomic_json(out / "config.json", config)
+    if ranks.main:
+        _atomic_json(out / "config.json", config)
+
+    train_model = model
+    if ranks.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     show_bar = progress and sys.stderr.isatty()
-    if cfg.resume and not last_path.exists() and progress:
+    if cfg.resume and ckpt is None and progress:
         console.print(f"resume: no {last_path.name} in {out}; training from the start")
     final = None
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        train_model.train()
+        if ranks.world_size > 1:
+            # Every rank draws dropout masks for its own clips: from its own seed, set per
+            # epoch so that a resumed run draws the same masks.
+            torch.manual_seed(_rank_seed(cfg.seed, epoch, ranks.rank))
         loss_sum, correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         bar = Progress(
@@ -424,33 +499,43 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
         with bar:
             task = bar.add_task("train", total=steps_per_epoch, info="")
             batches = features.batches(
-                splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device, drop_last=drop_last
-            )
-            for step, batch in enumerate(batches):
+                splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device,
+                drop_last=drop_last, shard=ranks.shard,
+            )  # fmt: skip
+            for step, batch in enumerate(batches):  # this rank's share of each global batch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = _forward(model, inputs, batch)
-                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
+                    logits = _forward(train_model, inputs, batch)
+                share_loss = F.cross_entropy(
+                    logits.float(), batch["label"], label_smoothing=cfg.label_smoothing, reduction="sum"
+                )
+                share_correct = (logits.argmax(1) == batch["label"]).sum()
+                # loss sum, correct and clips of the global batch (each rank's share may be empty)
+                totals = torch.stack([share_loss.detach().double(), share_correct.double(),
+                                      share_loss.new_tensor(len(batch["label"]), dtype=torch.float64)])  # fmt: skip
+                batch_loss, batch_correct, n = ranks.sum(totals).tolist()
+                batch_loss /= n
+                if not math.isfinite(batch_loss):
                     raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                        f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr {scheduler.get_last_lr()[0]:.3g}); no checkpoint was written for this epoch. "
                         "Check the features for inf/NaN (float16 overflow) or lower --lr."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages the ranks' gradients: scaled by world_size / n, their mean is the
+                # gradient of the mean loss over the global batch, however unevenly it split.
+                (share_loss * (ranks.world_size / n)).backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                n = len(batch["label"])
-                loss_sum += loss.item() * n
-                correct += int((logits.argmax(1) == batch["label"]).sum())
-                seen += n
+                loss_sum += batch_loss * n
+                correct += int(batch_correct)
+                seen += int(n)
                 bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
-        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device)
+        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=loss_sum / seen,
@@ -462,24 +547,15 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
             clips_per_s=seen / train_time,
         )
         history.append(record)
-        payload = {
-            "model": strip_compile_prefix(model.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "rng": _rng_state(),
-            "history": [asdict(h) for h in history],
-            "head": cfg.head,
-            "head_config": config["head_config"],
-            "train": config["train"],
-            "store": config["store"],
-            "eval": final,
-        }
-        if final["top1"] > best["top1"]:
+        improved = final["top1"] > best["top1"]
+        if improved:
             best = {"epoch": epoch + 1, "top1": final["top1"]}
-            save_checkpoint(best_path, {**payload, "best": best})
-        save_checkpoint(last_path, {**payload, "best": best})
-        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+        if ranks.main:
+            payload = {**_payload(model, optimizer, scheduler, epoch, history, config, final, ranks), "best": best}
+            if improved:
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last_path, payload)
+            _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
         if progress:
             console.print(
                 f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
@@ -489,13 +565,39 @@ def _run(cfg, features: FeatureSet, splits: Splits, device, out: Path, progress,
             on_epoch_end(record)
 
     if final is None:  # resumed a finished run: report what it ended with
-        final = load_checkpoint(last_path)["eval"]
-    _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
-    plot_curves([asdict(h) for h in history], out / "learning_curves.png")
-    plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
+        final = ckpt["eval"]
+    if ranks.main:
+        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+        plot_curves([asdict(h) for h in history], out / "learning_curves.png")
+        plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
     if progress:
         _print_table(console, history, final, splits.eval_split)
+    # DDP keeps the ranks' weights equal bit for bit; say so if they are not. This meeting also
+    # holds every rank until rank 0's outputs are complete.
+    if ranks.world_size > 1 and len(set(ranks.gather(state_digest(model)))) > 1:
+        raise TrainError(
+            f"the {ranks.world_size} processes ended with different weights (a bug in Spool's distributed "
+            f"training); {out} holds rank 0's"
+        )
     return TrainResult(out=out, history=history, final=final, best=best, config=config)
+
+
+def _payload(model, optimizer, scheduler, epoch: int, history, config: dict, final: dict, ranks: Ranks) -> dict:
+    return {
+        "model": strip_compile_prefix(model.state_dict()),  # the bare model's keys, never DDP's "module."
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch + 1,
+        # several processes reseed per epoch and rank (_rank_seed); alone the stream goes on
+        "rng": _rng_state() if ranks.world_size == 1 else {"torch": torch.get_rng_state()},
+        "world_size": ranks.world_size,
+        "history": [asdict(h) for h in history],
+        "head": config["head"],
+        "head_config": config["head_config"],
+        "train": config["train"],
+        "store": config["store"],
+        "eval": final,
+    }
 
 
 def _print_table(console, history: list[EpochRecord], final: dict, eval_split: str) -> None:

@@ -19,8 +19,8 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
         top1 = 0.5
         best = {"epoch": 3}
 
-    def fake_train_head(cfg, *, progress):
-        seen["cfg"], seen["progress"] = cfg, progress
+    def fake_train_head(cfg, *, progress, dist):
+        seen["cfg"], seen["progress"], seen["dist"] = cfg, progress, dist
         return Result()
 
     monkeypatch.setattr("spool.train.train_head", fake_train_head)
@@ -36,7 +36,7 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.dropout, cfg.seed) == (0.001, 0.1, 0.1, 0.2, 5)
     assert (cfg.backend, cfg.device, cfg.resume, cfg.cache, cfg.head) == ("dense", "cpu", True, "memory", "spool")
     assert cfg.out == str(Path("runs") / "feats-spool")
-    assert seen["progress"] is False
+    assert seen["progress"] is False and seen["dist"] is None  # not under torchrun
 
 
 def test_train_head_on_a_missing_store_is_a_clear_error(tmp_path):
