@@ -164,18 +164,21 @@ def test_every_head_runs_an_empty_share_and_reaches_every_weight():
         assert all(p.grad is not None for p in model.parameters()), type(model).__name__
 
 
-def test_errors_name_the_option(store, tmp_path):
+def test_errors_name_the_option(store, tmp_path, monkeypatch):
     from spool.distributed import rank_device
 
     cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), batch_size=2)
     with pytest.raises(TrainError, match="--batch-size 2 is the global batch.*at least 4"):
         train_head(cfg, dist=TorchrunEnv(rank=0, world_size=4, local_rank=0))
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--device cuda"):
-            rank_device("cuda", TorchrunEnv(rank=1, world_size=2, local_rank=1))
+    fourth = TorchrunEnv(rank=3, world_size=4, local_rank=3)
     with pytest.raises(ValueError, match="pass --device cuda"):
-        rank_device("cuda:1", TorchrunEnv(rank=1, world_size=2, local_rank=1))
-    assert rank_device("cpu", TorchrunEnv(rank=1, world_size=2, local_rank=1)) == torch.device("cpu")
+        rank_device("cuda:1", fourth)
+    assert rank_device("cpu", fourth) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device("cuda", TorchrunEnv(rank=1, world_size=4, local_rank=1)) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK 3 needs GPU cuda:3.*--nproc-per-node to at most 2"):
+        rank_device("auto", fourth)
 
 
 def test_resume_with_dropout_needs_the_same_number_of_processes(store, tmp_path):
