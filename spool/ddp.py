@@ -33,8 +33,9 @@ def share(n: int, shard: Shard) -> slice:
 
 @dataclass(frozen=True)
 class Ranks:
-    """The processes that train one model together, seen from one of them. ``Ranks()`` is a
-    process alone: every collective is then the identity, so the training loop has one path."""
+    """The processes of one torchrun job, seen from one of them (the ranks training one model,
+    or extracting one store). ``Ranks()`` is a process alone: every collective is then the
+    identity, so the training loop has one path."""
 
     rank: int = 0
     world_size: int = 1
@@ -71,6 +72,11 @@ class Ranks:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank got here."""
+        if self.world_size > 1:
+            dist.barrier()
 
     def per_host(self) -> int:
         """How many of the ranks run on this machine (each holds its own copy of the features)."""

@@ -25,6 +25,7 @@ import torch
 from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
 from spool.decode import DecodedVideo, DecodeError, DecodePool
 from spool.device import resolve_device
+from spool.ddp import Ranks, process_group
 from spool.distributed import Shard, TorchrunEnv
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
@@ -262,23 +263,25 @@ def _creation_lock(out: Path):
 def _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun) -> None:
     index, count = cfg.shard.index, cfg.shard.count
     out = Path(cfg.out)
-    group = _ProcessGroup(torchrun) if torchrun is not None else None
-    try:
+    # The ranks meet twice, over gloo (objects only, also beside GPUs): after rank 0 made the
+    # store, and once all hold their shard. Everything else goes through the store's files.
+    group = process_group(torchrun, torch.device("cpu")) if torchrun is not None else contextlib.nullcontext(Ranks())
+    with group as ranks:
         error = None
-        if group is None or group.rank == 0:
+        if ranks.main:
             try:
                 with _creation_lock(out):
                     open_or_create(cfg, source, encoder, identity, command, mode="r").close()
             except (StoreError, ValueError, OSError) as err:
                 error = err
-        if group is not None:  # the other ranks raise rank 0's error rather than hang
-            error = group.broadcast_error(error)
+        said = ranks.broadcast(None if error is None else str(error))  # the others raise it rather than hang
         if error is not None:
             raise error
+        if said is not None:
+            raise StoreError(f"rank 0 could not create or open the store: {said}")
         writer = ShardWriter(out, index, count)
         try:
-            if group is not None:
-                group.barrier()  # every rank holds its shard: no stale marker can fool rank 0's wait
+            ranks.barrier()  # every rank holds its shard: no stale marker can fool rank 0's wait
             status = writer.store.videos().status
             recorded = recorded_status(out)
             retry = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
@@ -289,14 +292,11 @@ def _run_shard(cfg, source, encoder, identity, device, result, command, progress
             writer.finish()
         finally:
             writer.close()
-        if group is None:
+        if torchrun is None:
             _merge_if_alone(out)  # a job array's last shard to finish merges them all
-        elif group.rank == 0:
+        elif ranks.main:
             wait_for_shards(out, count, poll=2.0, on_wait=_waiting_notice(progress))
             open_store(out, mode="a").close()  # merges every rank's records
-    finally:
-        if group is not None:
-            group.close()
     result.shards = shard_report(out)
     result.total_done = _total_done(out)
 
@@ -323,39 +323,6 @@ def _merge_if_alone(out: Path) -> None:
 
 def _total_done(out: Path) -> int:
     return int((current_status(out) == DONE).sum())
-
-
-class _ProcessGroup:
-    """torch.distributed over gloo, for the two moments the ranks of a sharded extraction meet:
-    after rank 0 made the store, and once all hold their shard. The rest goes through files."""
-
-    def __init__(self, env: TorchrunEnv):
-        import torch.distributed as dist
-
-        self.rank, self.world_size = env.rank, env.world_size
-        self._owns = not dist.is_initialized()
-        if self._owns:
-            dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
-
-    def broadcast_error(self, error: BaseException | None) -> BaseException | None:
-        import torch.distributed as dist
-
-        box = [None if error is None else f"rank 0 could not create or open the store: {error}"]
-        dist.broadcast_object_list(box, src=0)
-        if self.rank == 0 or box[0] is None:
-            return error
-        return StoreError(box[0])
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self._owns and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _extract_pending(cfg, source, encoder, device, store, pending, result, progress, on_video_written) -> None:
