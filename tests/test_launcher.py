@@ -22,8 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from test_ablate import BASE, read_csv
-from test_data import make_store
+from test_ablate import BASE, read_csv, store  # noqa: F401  (store: the same tiny feature store)
 from typer.testing import CliRunner
 
 import spool.launcher
@@ -32,7 +31,7 @@ from spool.cli.app import app
 from spool.grid import GridError, LauncherConfig, parse_grid
 from spool.launcher import LauncherError, RunJob, executor_parameters
 
-submitit = pytest.importorskip("submitit")
+import submitit  # noqa: E402  (in the test extra: a missing submitit fails, it is not skipped)
 
 LOCAL = {"name": "submitit", "cluster": "local", "cpus-per-job": 1, "gpus-per-job": 0, "time": 5}
 GRID = {  # 3 runs: two cells and a baseline, one epoch each
@@ -43,13 +42,6 @@ GRID = {  # 3 runs: two cells and a baseline, one epoch each
     "workers": 0,
     "device": "cpu",
 }
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "feats.zarr"
-    make_store(path, num_videos=10, num_classes=2, T=4, L=4, D=8, signal=2.0, order_signal=1.0).close()
-    return str(path)
 
 
 def write_grid(path: Path, store: str, out: Path, **changes) -> Path:
