@@ -71,6 +71,15 @@ def _stem(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}"
 
 
+def journal_line(
+    video_index: int, status: int, num_frames: int, fps: float, frame_indices: np.ndarray, error: str
+) -> bytes:
+    """One video's record as its shard appends it: a JSON object on one line."""
+    record = {"video": int(video_index), "status": int(status), "num_frames": int(num_frames), "fps": float(fps),
+              "frame_indices": np.asarray(frame_indices).tolist(), "error": truncate_reason(error)}  # fmt: skip
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
 @dataclass
 class Journal:
     """One shard's journal as read back: its records (the last one per video wins), whether its
@@ -204,8 +213,8 @@ class ShardWriter:
                 "(a shard owns the videos v with v % count == index); writing it could collide with another shard"
             )
 
-    def _append(self, record: dict[str, Any]) -> None:
-        self._journal.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+    def _append(self, line: bytes) -> None:
+        self._journal.write(line)
         self._journal.flush()
 
     def write_video(
@@ -217,8 +226,7 @@ class ShardWriter:
             video_index, s.num_videos, patches, cls, frame_indices, s.clips_per_video, s.num_frames, s.num_tokens, s.dim, s.path
         )  # fmt: skip
         self._clips.write(video_index, patches, cls)
-        self._append({"video": int(video_index), "status": DONE, "num_frames": int(num_frames), "fps": float(fps),
-                      "frame_indices": frame_indices.tolist(), "error": ""})  # fmt: skip
+        self._append(journal_line(video_index, DONE, num_frames, fps, frame_indices, ""))
         self.written += 1
 
     def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
@@ -227,13 +235,12 @@ class ShardWriter:
         C, T = s.clips_per_video, s.num_frames
         # Zero the slots (zarr deletes the chunks), as SlotStore.mark_failed does.
         self._clips.write(video_index, np.zeros((C, T, s.num_tokens, s.dim), "<f2"), np.zeros((C, T, s.dim), "<f2"))
-        self._append({"video": int(video_index), "status": FAILED, "num_frames": int(num_frames), "fps": float(fps),
-                      "frame_indices": [[-1] * T] * C, "error": truncate_reason(reason)})  # fmt: skip
+        self._append(journal_line(video_index, FAILED, num_frames, fps, np.full((C, T), -1), reason))
         self.written += 1
 
     def finish(self) -> None:
         """Record that this shard has no pending video left."""
-        self._append({"finished": True, "at": _now()})
+        self._append(json.dumps({"finished": True, "at": _now()}, separators=(",", ":")).encode() + b"\n")
 
     def close(self) -> None:
         for closer in (self._clips, self._journal, self.store, self._shard_lock, self._store_lock):
