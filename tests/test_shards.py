@@ -340,3 +340,22 @@ def test_a_finishing_shard_skips_the_merge_only_while_others_hold_the_store(tmp_
     (shards_dir(path) / "shard-00001-of-00002.jsonl").write_bytes(b"not json\n")
     with pytest.raises(StoreError, match="not JSON"):  # damage is reported, not taken for a busy store
         _merge_if_alone(path)
+
+
+def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_store, tmp_path):
+    # Two torchrun agents with a static rendezvous on this machine stand in for two nodes.
+    out, port = tmp_path / "nodes.h5", str(_free_port())
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+             "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "spool",
+             *_extract_cmd(small_toy, out)[3:], "--workers", "0", "--device", "cpu"],
+            env=ENV, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    _assert_same_content(small_store, out)
+    assert shard_report(out).finished == [0, 1, 2, 3]
