@@ -359,3 +359,21 @@ def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_s
         assert agent.returncode == 0, err[-3000:]
     _assert_same_content(small_store, out)
     assert shard_report(out).finished == [0, 1, 2, 3]
+
+
+def test_a_shard_redoing_a_failed_video_replaces_it_on_merge(tmp_path, suffix):
+    path = tmp_path / f"s{suffix}"
+    with _new_store(path) as s:
+        s.mark_failed(2, "decoder crashed")
+        s.write_video(4, *_video(4))
+    with ShardWriter(path, 0, 2) as w:  # what --retry-failed does for video 2
+        w.write_video(2, *_video(2))
+        w.finish()
+    merge_shards(path)
+    with open_store(path) as s:
+        v = s.videos()
+        assert v.status[2] == DONE and v.error[2] == "" and v.status[4] == DONE
+        patches, _, frame_indices, num_frames, fps = _video(2)
+        np.testing.assert_array_equal(s.read_patches([4, 5]), patches)
+        np.testing.assert_array_equal(s.clips().frame_indices[4:6], frame_indices)
+        assert (v.num_frames[2], v.fps[2]) == (num_frames, fps)
