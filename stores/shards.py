@@ -178,6 +178,8 @@ class ShardWriter:
         self.path = Path(path)
         self.index, self.count = index, count
         shard_videos(0, index, count)  # checks i/n
+        if not self.path.exists():
+            raise StoreError(f"no store at {self.path}; shards write into a store created first (spool extract does)")
         self._store_lock = WriterLock(writer_lock_path(self.path), self.path, shared=True, wait=wait)
         self._shard_lock = self._journal = self._clips = self.store = None
         try:

@@ -115,6 +115,8 @@ def test_shards_writing_side_by_side_merge_into_the_single_writer_store(tmp_path
         open_store(sharded, "a")  # an exclusive writer waits for the shards
     with pytest.raises(StoreError, match="already being written"):
         ShardWriter(sharded, 1, 3)
+    with pytest.raises(StoreError, match="no store at"):
+        ShardWriter(tmp_path / f"absent{suffix}", 0, 3)
     with pytest.raises(StoreError, match="not shard 0/3's"):
         writers[0].write_video(1, *_video(1))
     for v in reversed(range(7)):  # interleaved across shards
