@@ -322,8 +322,6 @@ class ShardReport:
 
 def shard_report(path: str | Path) -> ShardReport:
     """Read-only: which shards finished and which videos are still pending, by shard."""
-    from spool.stores import open_store
-
     d = shards_dir(path)
     report = ShardReport(path=str(path))
     plans: dict[int, set[int]] = {}

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,12 @@ from typer.testing import CliRunner
 
 from spool.cli.app import app
 from spool.distributed import Shard, parse_shard, torchrun_env
-from spool.stores import DONE, FAILED, PENDING, StoreError, create_store, open_store
+from spool.stores import DONE, PENDING, StoreError, create_store, open_store
 from spool.stores.shards import (
     ShardWriter, merge_shards, read_journal, shard_report, shard_videos, shards_dir,
 )  # fmt: skip
-from test_extract import _assert_same_content, _extract, _extract_cmd, small_store, small_toy  # noqa: F401
+from test_ddp import _free_port
+from test_extract import _assert_same_content, _extract_cmd, small_store, small_toy  # noqa: F401  (fixtures)
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -257,12 +257,6 @@ def test_shard_option_errors(small_toy, small_store, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     both = runner.invoke(app, ["extract", str(small_toy), "--out", str(copy), "--shard", "0/2"])
     assert both.exit_code == 2 and "under torchrun leave --shard out" in _flat(both.output)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes_give_the_single_process_store(small_toy, small_store, tmp_path):
