@@ -76,11 +76,9 @@ def extract(
     try:
         parsed = parse_shard(shard) if shard is not None else Shard()
         if rank is not None:
-            from spool.distributed import rank_device
-
             if shard is not None:
                 raise ValueError("--shard and torchrun both split the videos; under torchrun leave --shard out")
-            parsed, device = Shard(rank.rank, rank.world_size), str(rank_device(device, rank))
+            parsed = Shard(rank.rank, rank.world_size)
             quiet = quiet or rank.rank != 0  # one progress display for the whole job
         cfg = ExtractConfig(
             source=str(source), out=str(out), format=format,

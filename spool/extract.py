@@ -26,7 +26,7 @@ from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normali
 from spool.decode import DecodedVideo, DecodeError, DecodePool
 from spool.device import resolve_device
 from spool.ddp import Ranks, process_group
-from spool.distributed import Shard, TorchrunEnv
+from spool.distributed import Shard, TorchrunEnv, rank_device
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
@@ -225,7 +225,9 @@ def run_extract(
     )
     if not source.entries:
         raise ValueError(f"no videos found in {cfg.source} (format {source.format})")
-    device = resolve_device(cfg.device)
+    # Under torchrun each rank runs on its own GPU; the config keeps the option as given, so a
+    # store's attrs do not depend on which rank created it.
+    device = rank_device(cfg.device, torchrun) if torchrun is not None else resolve_device(cfg.device)
     encoder, identity = load_backbone(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, token_pool=cfg.token_pool, seed=cfg.seed
     )

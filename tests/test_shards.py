@@ -345,7 +345,7 @@ def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_s
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
              "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "spool",
-             *_extract_cmd(small_toy, out)[3:], "--workers", "0", "--device", "cpu"],
+             *_extract_cmd(small_toy, out)[3:], "--workers", "0"],  # --device auto: each rank's own
             env=ENV, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for node in (0, 1)
@@ -355,6 +355,8 @@ def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_s
         assert agent.returncode == 0, err[-3000:]
     _assert_same_content(small_store, out)
     assert shard_report(out).finished == [0, 1, 2, 3]
+    with open_store(out) as s:  # the option as given, not the device of the rank that created the store
+        assert s.attrs["extract_config"]["device"] == "auto"
 
 
 def test_a_shard_redoing_a_failed_video_replaces_it_on_merge(tmp_path, suffix):
