@@ -10,6 +10,7 @@ process alone, so ``spool.train`` has one code path.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import socket
 from contextlib import contextmanager
@@ -85,6 +86,12 @@ class Ranks:
         return self.gather(socket.gethostname()).count(socket.gethostname())
 
 
+# How long a collective waits for the slowest rank. NCCL's default is 10 minutes, less than one
+# rank may spend loading a large feature cache (or a shard creating its store) while the others
+# already wait at the next collective.
+TIMEOUT = datetime.timedelta(hours=2)
+
+
 @contextmanager
 def process_group(env: TorchrunEnv, device: torch.device) -> Iterator[Ranks]:
     """Join the run's processes for the block: NCCL on CUDA, gloo on the CPU. The rendezvous
@@ -100,9 +107,9 @@ def process_group(env: TorchrunEnv, device: torch.device) -> Iterator[Ranks]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)  # object collectives (gather, broadcast) use the current device
-        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=device)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=device, timeout=TIMEOUT)
     else:
-        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=TIMEOUT)
     try:
         yield Ranks(env.rank, env.world_size)
     finally:
