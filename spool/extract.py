@@ -32,7 +32,7 @@ from spool.sources import VideoSource, load_source
 from spool.stores import StoreError, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES, StoreBusyError
 from spool.stores.shards import (
-    ShardReport, ShardWriter, current_status, recorded_status, shard_report, shard_videos, wait_for_shards,
+    ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards,
 )  # fmt: skip
 
 
@@ -300,7 +300,7 @@ def _run_shard(cfg, source, encoder, identity, device, result, command, progress
             wait_for_shards(out, count, poll=2.0, on_wait=_waiting_notice(progress))
             open_store(out, mode="a").close()  # merges every rank's records
     result.shards = shard_report(out)
-    result.total_done = _total_done(out)
+    result.total_done = result.shards.done_videos
 
 
 def _waiting_notice(enabled: bool, every_s: float = 30.0):
@@ -321,10 +321,6 @@ def _merge_if_alone(out: Path) -> None:
     except StoreBusyError:
         return  # others still run; the last of them merges
     store.close()
-
-
-def _total_done(out: Path) -> int:
-    return int((current_status(out) == DONE).sum())
 
 
 def _extract_pending(cfg, source, encoder, device, store, pending, result, progress, on_video_written) -> None:

@@ -143,26 +143,29 @@ def _finished(file: Path) -> bool:
     return len(lines) > 1 and b'"finished":true' in lines[-2]
 
 
-def current_status(path: str | Path) -> np.ndarray:
-    """Every video's status as the shards left it: the store's, with unmerged records applied.
-    Journals are read before the store: a merge deletes a journal only after writing its
-    records into the store, so a merge running meanwhile cannot hide a video."""
+def _status_after(journals: list[Journal], path: str | Path) -> np.ndarray:
+    """Every video's status as the shards left it: the store's, with ``journals`` applied.
+    The caller reads the journals before this reads the store: a merge deletes a journal only
+    after writing its records into the store, so a merge running meanwhile cannot hide a video."""
     from spool.stores import open_store
 
-    recorded = recorded_status(path)
     with open_store(path, "r") as store:
         status = store.videos().status.copy()
-    for v, st in recorded.items():
+    for v, st in _recorded(journals).items():
         status[v] = st
     return status
 
 
-def recorded_status(path: str | Path) -> dict[int, int]:
-    """Video -> status (DONE/FAILED) over every unmerged journal of the store."""
+def _recorded(journals: list[Journal]) -> dict[int, int]:
     out: dict[int, int] = {}
-    for journal in read_journals(path):
+    for journal in journals:
         out.update({v: int(r["status"]) for v, r in journal.records.items()})
     return out
+
+
+def recorded_status(path: str | Path) -> dict[int, int]:
+    """Video -> status (DONE/FAILED) over every unmerged journal of the store."""
+    return _recorded(read_journals(path))
 
 
 class ShardWriter:
@@ -311,6 +314,7 @@ class ShardReport:
     pending_videos: int = 0
     pending_by_shard: dict[int, int] = field(default_factory=dict)  # shard of ``count`` -> pending videos
     unmerged_videos: int = 0
+    done_videos: int = 0  # DONE in the store or in an unmerged record
 
     @property
     def complete(self) -> bool:
@@ -338,7 +342,8 @@ def shard_report(path: str | Path) -> ShardReport:
     report.finished = sorted(plans.get(report.count, set()))
     report.running_or_killed = sorted(j.index for j in journals if j.count == report.count and not j.finished)
     report.unmerged_videos = len({v for j in journals for v in j.records})
-    status = current_status(path)
+    status = _status_after(journals, path)
+    report.done_videos = int((status == DONE).sum())
     pending = np.flatnonzero(status == PENDING)
     report.pending_videos = int(pending.size)
     if report.count:
