@@ -1,20 +1,29 @@
 """The frozen image backbone: DINOv2 (or any timm ViT) run per frame.
 
-Backbones are data: Spool's short names map to timm model names in one table, and
-timm does everything else (architecture, official-checkpoint conversion, position
-embedding resampling to the requested image size). Spool never reimplements the ViT.
+Backbones are data: Spool's short names map to timm model names in one table, and timm
+builds the architecture and converts checkpoints (spool.weights finds and reads the files).
+One thing Spool does itself: DINOv2's position table is resized to the crop's patch grid by
+the official rule (``interpolate_pos_embed_dinov2``), not timm's, so the features are the
+official model's. Spool never reimplements the ViT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
+
+from spool.weights import WeightsError, read_state_dict, weights_file_in
 
 # Spool name -> timm name (architecture.pretrained_tag). The `_reg` variants carry 4 register tokens.
 BACKBONES: dict[str, str] = {
@@ -32,10 +41,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
-    """Backbone weights could not be loaded; the message says what to pass instead."""
-
-
 @dataclass(frozen=True)
 class WeightsIdentity:
     """What the features were computed with; stored in the feature store's attributes."""
@@ -46,6 +51,7 @@ class WeightsIdentity:
     file: str | None = None
     sha256: str | None = None
     seed: int | None = None
+    pos_embed: dict[str, Any] | None = None  # how the position table was resized (pos_embed_rule)
 
 
 def timm_name(backbone: str) -> str:
@@ -105,6 +111,71 @@ class FrameEncoder(nn.Module):
         return cls, patches
 
 
+# How each DINOv2 hub model resizes its 37x37 position table to the crop's patch grid, at run
+# time (hubconf.py: `interpolate_antialias`, `interpolate_offset`). timm instead resamples the
+# table once at load (bicubic, antialiased, exact size), which moves patch tokens by up to 0.02
+# in cosine at 224 px; Spool puts the officially interpolated table into timm's model instead.
+DINOV2_POS_EMBED = {"antialias": False, "offset": 0.1}
+DINOV2_REG_POS_EMBED = {"antialias": True, "offset": 0.0}
+
+
+def pos_embed_rule(backbone: str) -> dict[str, Any]:
+    """The position-table rule for a backbone, as recorded in the store's attributes."""
+    arch = timm_name(backbone).split(".")[0]
+    if "dinov2" not in arch:
+        return {"rule": "timm", "mode": "bicubic", "antialias": True}
+    official = DINOV2_REG_POS_EMBED if "_reg" in arch else DINOV2_POS_EMBED
+    return {"rule": "dinov2", "mode": "bicubic", **official}
+
+
+def interpolate_pos_embed_dinov2(
+    patch_pos: torch.Tensor, grid: tuple[int, int], *, antialias: bool, offset: float
+) -> torch.Tensor:
+    """(1, M*M, D) patch position table -> (1, gh*gw, D), as DINOv2's ``interpolate_pos_encoding``.
+
+    With an offset the official code passes a scale factor (grid + offset) / M, not a size:
+    the sampling positions differ from a size-based resize even at the same output size.
+    """
+    _, n, dim = patch_pos.shape
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"position table of {n} patches is not square")
+    gh, gw = grid
+    if (gh, gw) == (m, m):
+        return patch_pos
+    table = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = {"scale_factor": (float(gh + offset) / m, float(gw + offset) / m)}
+    else:
+        kwargs = {"size": (gh, gw)}
+    out = F.interpolate(table, mode="bicubic", antialias=antialias, **kwargs)
+    assert tuple(out.shape[-2:]) == (gh, gw), out.shape
+    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(patch_pos.dtype)
+
+
+def _apply_pos_embed_rule(vit: nn.Module, image_size: int, rule: dict[str, Any]) -> dict[str, Any]:
+    """Move a DINOv2 model built at its native grid to ``image_size`` by the official rule."""
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    native = vit.pos_embed.detach().clone()
+    native_grid = vit.patch_embed.grid_size
+    vit.set_input_size(img_size=(image_size, image_size))  # timm resamples; replaced just below
+    patch_pos = interpolate_pos_embed_dinov2(
+        native[:, prefix:], vit.patch_embed.grid_size, antialias=rule["antialias"], offset=rule["offset"]
+    )
+    with torch.no_grad():
+        vit.pos_embed.copy_(torch.cat([native[:, :prefix], patch_pos], dim=1))
+    return {**rule, "from_grid": list(native_grid), "to_grid": list(vit.patch_embed.grid_size)}
+
+
+def _native_grid(pos_embed: torch.Tensor) -> int:
+    """Patches a side of a saved position table, with or without a class-token row."""
+    n = pos_embed.shape[1]
+    for patches in (n, n - 1):
+        if math.isqrt(patches) ** 2 == patches:
+            return math.isqrt(patches)
+    raise WeightsError(f"the checkpoint's position table has {n} rows: not a square patch grid")
+
+
 def load_backbone(
     backbone: str,
     *,
@@ -116,12 +187,20 @@ def load_backbone(
     """Build the frozen frame encoder.
 
     weights: "pretrained" (timm's hub weights; the Hugging Face cache and HF_HUB_OFFLINE are
-    respected), a path to an official DINOv2 `.pth` or a timm `.pth`/`.safetensors` file, or
-    "random" (seeded). Random weights are only ever used when asked for by name.
+    respected), a path to an official DINOv2 `.pth`, a timm `.pth`/`.safetensors`, or Hugging
+    Face `Dinov2Model` weights (`model.safetensors`, `pytorch_model.bin`, or a snapshot folder),
+    or "random" (seeded). Random weights are only ever used when asked for by name.
+
+    DINOv2 models are built at their native grid and moved to ``image_size`` by the official
+    position-table rule (``pos_embed_rule``), whatever the weights' source; other timm ViTs
+    keep timm's resampling. The rule used is in ``identity.pos_embed``.
     """
     name = timm_name(backbone)
     arch = name.split(".")[0]
-    kwargs = dict(num_classes=0, img_size=image_size)
+    rule = pos_embed_rule(backbone)
+    official = rule["rule"] == "dinov2"
+    # DINOv2 first at its native size (the saved table's grid), so timm resamples nothing.
+    size_kwargs = {} if official else {"img_size": image_size}
     if weights == "random":
         warnings.warn(
             f"backbone {backbone}: RANDOM weights (seed {seed}) were requested; "
@@ -129,34 +208,80 @@ def load_backbone(
             stacklevel=2,
         )
         torch.manual_seed(seed)
-        vit = timm.create_model(arch, pretrained=False, **kwargs)
+        vit = timm.create_model(arch, pretrained=False, num_classes=0, **size_kwargs)
         identity = WeightsIdentity(source="random", pretrained=False, seed=seed)
     elif weights == "pretrained":
         try:
-            vit = timm.create_model(name, pretrained=True, **kwargs)
+            vit = timm.create_model(name, pretrained=True, num_classes=0, **size_kwargs)
         except Exception as err:  # hub/network/cache errors come in many types
             raise WeightsError(
                 f"could not load pretrained weights for {backbone} ({name}) from the hub cache: {err}. "
                 "On an offline machine, download them elsewhere and pass --weights PATH "
-                "(an official DINOv2 .pth or a timm .safetensors file), or pass --weights random "
-                "for a test run without meaningful features."
+                "(an official DINOv2 .pth, a timm .safetensors, or Hugging Face facebook/dinov2-* files), "
+                "or pass --weights random for a test run without meaningful features."
             ) from err
         hub_id = vit.pretrained_cfg.get("hf_hub_id") or name
         identity = WeightsIdentity(source="hub", pretrained=True, hub_id=hub_id)
     else:
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):
             raise WeightsError(
-                f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file"
+                f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file or folder"
             )
-        try:
-            # timm loads the file through the model's checkpoint filter, which converts official
-            # DINOv2 checkpoints and resamples position embeddings to image_size.
-            vit = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        except Exception as err:
-            raise WeightsError(f"could not load backbone weights from {path} into {arch}: {err}") from err
-        identity = WeightsIdentity(source="file", pretrained=True, file=str(path.resolve()), sha256=file_sha256(path))
+        weights_file = weights_file_in(path)
+        vit = _vit_from_file(arch, weights_file, official, image_size)
+        identity = WeightsIdentity(
+            source="file", pretrained=True, file=str(weights_file.resolve()), sha256=file_sha256(weights_file)
+        )
+    if official:
+        identity = dataclasses.replace(identity, pos_embed=_apply_pos_embed_rule(vit, image_size, rule))
+    else:
+        identity = dataclasses.replace(identity, pos_embed=rule)
     return FrameEncoder(vit, token_pool=token_pool), identity
+
+
+def _vit_from_file(arch: str, path: Path, official: bool, image_size: int) -> nn.Module:
+    """A timm ViT with the weights of one file, in the official, timm or Hugging Face layout."""
+    try:
+        state = read_state_dict(path)
+    except Exception as err:
+        raise WeightsError(f"could not read backbone weights from {path}: {err}") from err
+    if "pos_embed" not in state:
+        raise WeightsError(f"{path} holds no position table ('pos_embed'): not the weights of a ViT")
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **({} if official else {"img_size": image_size}))
+    if official:
+        # build at the saved table's grid (37 for DINOv2 files, but a timm file may be saved at 224)
+        grid = _native_grid(state["pos_embed"])
+        if vit.patch_embed.grid_size != (grid, grid):
+            vit.set_input_size(img_size=grid * vit.patch_embed.patch_size[0])
+    has_registers = "register_tokens" in state or "reg_token" in state
+    if has_registers != (getattr(vit, "reg_token", None) is not None):
+        raise WeightsError(
+            f"{path} {'has' if has_registers else 'has no'} register tokens, but --backbone {arch} "
+            f"{'has none' if has_registers else 'needs them'}: pass the {'_reg' if has_registers else 'plain'} variant "
+            "of the backbone, or the weights that go with it"
+        )
+    try:
+        # timm's filter converts official DINOv2 keys (mask token, registers, SwiGLU names) and
+        # resamples tables that do not fit (only for non-DINOv2 models here).
+        converted = checkpoint_filter_fn(state, vit)
+    except Exception as err:
+        raise WeightsError(f"could not load backbone weights from {path} into {arch}: {err}") from err
+    expected = vit.state_dict()
+    misfits = [k for k in expected if k not in converted or converted[k].shape != expected[k].shape]
+    unexpected = [k for k in converted if k not in expected and not k.startswith("head.")]
+    if misfits or unexpected:
+        shown = ", ".join(
+            f"{k} {tuple(converted[k].shape) if k in converted else 'missing'} vs {tuple(expected[k].shape)}"
+            for k in misfits[:3]
+        )
+        raise WeightsError(
+            f"{path} does not fit {arch} ({len(misfits)} tensors missing or of another shape: {shown}"
+            f"{'; unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''}). "
+            "Check --backbone: the model size (s, b, l, g) must be the one the weights were trained as"
+        )
+    vit.load_state_dict({k: converted[k] for k in expected})
+    return vit
 
 
 def normalize_frames(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

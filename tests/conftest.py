@@ -78,3 +78,28 @@ def toy_videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     make_toy(root, videos_per_class=4, num_frames=16, size=32, seed=0)
     return root
+
+
+REAL_DINOV2_BUILD = Path(__file__).resolve().parents[1].parent / "shared" / "real-dinov2" / "build.sh"
+
+
+@pytest.fixture(scope="session")
+def real_dinov2() -> Path:
+    """The folder with a trained DINOv2 ViT-S/14 (official and Hugging Face layouts), built once per
+    machine by ../shared/real-dinov2/build.sh (about a minute, needs the package registry).
+
+    ``SPOOL_REAL_DINOV2`` names a folder that already holds it. Without either the tests that
+    need trained weights fail: random weights cannot stand in for them.
+    """
+    import os
+    import subprocess
+
+    folder = os.environ.get("SPOOL_REAL_DINOV2")
+    if folder and (Path(folder) / "dinov2_vits14_real.safetensors").is_file():
+        return Path(folder)
+    if not REAL_DINOV2_BUILD.is_file():
+        pytest.fail(f"trained DINOv2 weights needed: {REAL_DINOV2_BUILD} not found and SPOOL_REAL_DINOV2 not set")
+    out = subprocess.run(["bash", str(REAL_DINOV2_BUILD)], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        pytest.fail(f"{REAL_DINOV2_BUILD} failed: {out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
