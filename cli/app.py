@@ -41,9 +41,15 @@ def extract(
     labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="SSv2 labels JSON or class names.")] = None,
     backbone: Annotated[str, typer.Option(help="dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name.")] = "dinov2_vits14",
     weights: Annotated[
-        str, typer.Option(help="'pretrained' (timm hub cache), a .pth/.safetensors path, or 'random' (tests only).")
+        str, typer.Option(help="'pretrained' (timm hub cache); an official DINOv2 .pth, a timm .safetensors, or "
+                               "Hugging Face facebook/dinov2-* files (a file or snapshot folder); or 'random' (tests only).")
     ] = "pretrained",
-    size: Annotated[int, typer.Option(help="Shorter side resize, then centre crop to size x size.")] = 224,
+    size: Annotated[int, typer.Option(help="Centre crop size x size fed to the backbone.")] = 224,
+    crop_pct: Annotated[
+        float, typer.Option(help="Shorter side resized to size / crop-pct before the crop; 0.875 is DINOv2's "
+                                 "evaluation transform (256 then 224), 1.0 resizes straight to size.")
+    ] = 0.875,
+    interpolation: Annotated[str, typer.Option(help="Resize filter: bicubic (DINOv2's evaluation) or bilinear.")] = "bicubic",
     token_pool: Annotated[int, typer.Option(help="Average P x P patches before writing.")] = 1,
     frames: Annotated[int, typer.Option(help="Frames per clip (T).")] = 16,
     stride: Annotated[Optional[int], typer.Option(help="Fixed frame step; default: T frames spread over the video.")] = None,
@@ -84,7 +90,8 @@ def extract(
             source=str(source), out=str(out), format=format,
             split_files=tuple(str(p) for p in split_file or ()),
             labels_file=str(labels_file) if labels_file else None,
-            backbone=backbone, weights=weights, image_size=size, token_pool=token_pool, frames=frames,
+            backbone=backbone, weights=weights, image_size=size, crop_pct=crop_pct, interpolation=interpolation,
+            token_pool=token_pool, frames=frames,
             stride=stride, clips=clips, decoder=decoder, workers=workers, decode_timeout=decode_timeout,
             batch_size=batch_size, device=device, seed=seed, overwrite=overwrite, retry_failed=retry_failed,
             shard=parsed,
@@ -184,6 +191,12 @@ def _print_summary(summary: dict, out: Console) -> None:
         f"backbone {attrs.get('backbone')} ({weights.get('source')}, pretrained={weights.get('pretrained')}), "
         f"image {attrs.get('image_size')} px, patch {attrs.get('patch_size')}, token pool {attrs.get('token_pool')}"
     )
+    transform, pos = attrs.get("transform"), weights.get("pos_embed")
+    if transform:
+        out.print(f"frames: shorter side to {transform['resize']} ({transform['interpolation']}), centre crop {transform['crop']}")
+    if pos:
+        out.print(f"position table: {pos['rule']} rule (bicubic, antialias {pos['antialias']}"
+                  f"{', offset ' + str(pos['offset']) if pos.get('offset') else ''})")
     out.print(f"clips (T, L, D) = ({t}, {l}, {d}), sampling {attrs.get('sampling')}")
     out.print(f"videos {summary['num_videos']}: {summary['status']}; {summary['done_clips']} clips with features")
     if summary.get("short_videos"):

@@ -4,7 +4,7 @@
 ``spool.sampling.clip_frame_indices`` and decodes only those frames, shrinking each
 one as soon as it is decoded, so a long 4K file never holds more than the sampled,
 already-small frames in memory. Both decoders go through the same resize
-(``resize_center_crop``: PIL bilinear with antialiasing), so they return the same
+(``FrameTransform``: by default DINOv2's evaluation transform, bicubic), so they return the same
 pixels on ordinary files (both convert YUV to RGB with FFmpeg's swscale).
 
 Frame numbers are positions in presentation order, counted from 0. A video's length
@@ -19,6 +19,7 @@ because a decoder can hang or crash in native code, which no ``try`` can catch.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import queue
@@ -52,19 +53,49 @@ class DecodeError(Exception):
     """A video that cannot be decoded; ``str(err)`` is a one-line reason fit for a failure table."""
 
 
-def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8: shorter side to ``size`` (bilinear, antialiased), then centre crop."""
-    h, w = frame.shape[:2]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        # max(size, ...) so rounding never leaves the shorter side one pixel short
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        # PIL's BILINEAR widens its kernel when shrinking (antialiasing), as torchvision's
-        # resize(antialias=True) does; one implementation serves both decoders.
-        frame = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        frame = frame[top : top + size, left : left + size]
-    return np.ascontiguousarray(frame)
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """Shorter side to ``floor(size / crop_pct)``, then a centre crop of ``size`` (timm's names).
+
+    The default is DINOv2's evaluation transform (and V-JEPA's frozen evaluation of image
+    models): bicubic resize to 256, centre crop 224. Sizes and offsets follow torchvision's
+    ``Resize(int)`` + ``CenterCrop``, so the crops equal theirs pixel for pixel; PIL's filters
+    widen when shrinking (antialiasing), as torchvision's do on PIL images.
+    ``crop_pct=1.0, interpolation="bilinear"`` is Spool's transform before 0.2.
+    """
+
+    size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+
+    @property
+    def resize_size(self) -> int:
+        return math.floor(self.size / self.crop_pct)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (size, size, 3) uint8."""
+        h, w = frame.shape[:2]
+        short, long = (h, w) if h <= w else (w, h)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)  # torchvision's rounding
+        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+        if (new_h, new_w) != (h, w):
+            frame = np.asarray(Image.fromarray(frame).resize((new_w, new_h), INTERPOLATIONS[self.interpolation]))
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+        return np.ascontiguousarray(frame[top : top + self.size, left : left + self.size])
+
+
+def resize_center_crop(frame: np.ndarray, size: int, crop_pct: float = 1.0, interpolation: str = "bilinear") -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 through ``FrameTransform``."""
+    return FrameTransform(size, crop_pct, interpolation)(frame)
 
 
 def _check_file(path: Path) -> None:
@@ -99,7 +130,7 @@ def _assemble(decoded: dict[int, np.ndarray], indices: np.ndarray, size: int) ->
     return out
 
 
-def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: int) -> DecodedVideo:
+def _read_decord(path: Path, frames: int, clips: int, stride: int | None, transform: FrameTransform) -> DecodedVideo:
     import decord  # imported here so PyAV-only installs (decord has no aarch64 wheel) still work
 
     vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -122,8 +153,8 @@ def _read_decord(path: Path, frames: int, clips: int, stride: int | None, size: 
         if batch.shape[-1] != 3:  # decord's 180-degree rotation returns 4 garbled channels
             raise DecodeError(f"decord returned {batch.shape[-1]}-channel frames (a rotated video?)")
         for idx, frame in zip(chunk, batch):
-            decoded[idx] = resize_center_crop(frame, size)
-    return DecodedVideo(_assemble(decoded, indices, size), indices, n, float(vr.get_avg_fps()), "decord", is_short(n, frames, stride))
+            decoded[idx] = transform(frame)
+    return DecodedVideo(_assemble(decoded, indices, transform.size), indices, n, float(vr.get_avg_fps()), "decord", is_short(n, frames, stride))
 
 
 def count_frames(path: Path) -> tuple[int, int]:
@@ -158,7 +189,7 @@ def _check_complete(declared: int, present: int) -> None:
         raise DecodeError(f"truncated: the container declares {declared} frames, the file holds {present}")
 
 
-def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, size: int) -> DecodedVideo:
+def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, transform: FrameTransform) -> DecodedVideo:
     import av
 
     try:
@@ -187,28 +218,40 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, size: in
                 if idx in wanted:
                     # Display orientation, as decord gives it: turn by the container's rotation.
                     rgb = np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4)
-                    decoded[idx] = resize_center_crop(np.ascontiguousarray(rgb), size)
+                    decoded[idx] = transform(np.ascontiguousarray(rgb))
                 if idx >= last:
                     break
         except av.FFmpegError as err:
             raise DecodeError(f"truncated or corrupt: decoded {count} of {n} frames, then {_one_line(err)}") from err
     if len(decoded) < len(wanted):
         raise DecodeError(f"truncated: decoded {count} of {n} frames")
-    return DecodedVideo(_assemble(decoded, indices, size), indices, n, fps, "pyav", is_short(n, frames, stride))
+    return DecodedVideo(_assemble(decoded, indices, transform.size), indices, n, fps, "pyav", is_short(n, frames, stride))
 
 
-def read_video(path: Path | str, *, frames: int, clips: int = 1, stride: int | None = None, size: int = 224, decoder: str = "decord") -> DecodedVideo:
+def read_video(
+    path: Path | str,
+    *,
+    frames: int,
+    clips: int = 1,
+    stride: int | None = None,
+    size: int = 224,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    decoder: str = "decord",
+) -> DecodedVideo:
     """Decode the sampled frames of one video; raise DecodeError with a one-line reason if it cannot.
 
+    Each frame goes through ``FrameTransform(size, crop_pct, interpolation)``.
     ``decoder="decord"`` falls back to PyAV when decord raises; ``"pyav"`` uses PyAV only.
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r} (--decoder); expected one of {DECODERS}")
     path = Path(path)
+    transform = FrameTransform(size, crop_pct, interpolation)
     _check_file(path)
     if decoder == "decord":
         try:
-            return _read_decord(path, frames, clips, stride, size)
+            return _read_decord(path, frames, clips, stride, transform)
         except DecodeError as err:
             decord_reason = str(err)
         except Exception as err:  # decord raises bare RuntimeErrors/DECORDErrors for bad data
@@ -216,11 +259,11 @@ def read_video(path: Path | str, *, frames: int, clips: int = 1, stride: int | N
             # in the reason would make two extractions of the same files differ
             decord_reason = _one_line(Exception(_DECORD_PREFIX.sub("", str(err))))
         try:
-            return _read_pyav(path, frames, clips, stride, size)
+            return _read_pyav(path, frames, clips, stride, transform)
         except Exception as err:
             raise DecodeError(f"decord: {decord_reason}; pyav: {_one_line(err)}") from err
     try:
-        return _read_pyav(path, frames, clips, stride, size)
+        return _read_pyav(path, frames, clips, stride, transform)
     except DecodeError:
         raise
     except Exception as err:

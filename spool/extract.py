@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
-from spool.decode import DecodedVideo, DecodeError, DecodePool
+from spool.decode import DecodedVideo, DecodeError, DecodePool, FrameTransform
 from spool.device import resolve_device
 from spool.ddp import Ranks, process_group
 from spool.distributed import Shard, TorchrunEnv, rank_device
@@ -46,6 +46,8 @@ class ExtractConfig:
     backbone: str = "dinov2_vits14"
     weights: str = "pretrained"  # "pretrained" | "random" | a checkpoint path
     image_size: int = 224
+    crop_pct: float = 0.875  # shorter side to floor(image_size / crop_pct), centre crop (spool.decode.FrameTransform)
+    interpolation: str = "bicubic"
     token_pool: int = 1
     frames: int = 16  # T
     stride: int | None = None  # None: T frames evenly spaced over the video
@@ -75,6 +77,7 @@ class ExtractConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        FrameTransform(self.image_size, self.crop_pct, self.interpolation)  # checks --crop-pct, --interpolation
         if self.overwrite and not self.shard.whole:
             # A late shard (or a torchrun restart) would wipe what the others wrote.
             raise ValueError(
@@ -90,7 +93,10 @@ EXECUTION_KEYS = ("shard",)
 
 # The options that decide what the store's numbers are. Re-running with a different value
 # on an existing store would mix two kinds of features, so it is refused.
-CONTENT_KEYS = ("backbone", "timm_name", "weights", "image_size", "token_pool", "frames", "stride", "clips", "decoder")
+CONTENT_KEYS = (
+    "backbone", "timm_name", "weights", "image_size", "crop_pct", "interpolation", "token_pool", "frames", "stride",
+    "clips", "decoder",
+)  # fmt: skip
 
 
 @dataclass
@@ -122,6 +128,8 @@ def content_attrs(cfg: ExtractConfig, identity: WeightsIdentity) -> dict[str, An
         "timm_name": timm_name(cfg.backbone),
         "weights": dataclasses.asdict(identity),
         "image_size": cfg.image_size,
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
         "token_pool": cfg.token_pool,
         "frames": cfg.frames,
         "stride": cfg.stride,
@@ -164,6 +172,10 @@ def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncode
         "backbone": cfg.backbone,
         "weights": dataclasses.asdict(identity),
         "image_size": cfg.image_size,
+        "transform": {
+            "resize": FrameTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation).resize_size,
+            "crop": cfg.image_size, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
+        },
         "patch_size": encoder.patch_size,
         "token_pool": cfg.token_pool,
         "sampling": {"frames": cfg.frames, "stride": cfg.stride, "clips": cfg.clips},
@@ -374,7 +386,8 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     start = time.perf_counter()
     jobs = ((v, entries[v].path) for v in pending)
     read_kwargs = dict(
-        frames=cfg.frames, clips=cfg.clips, stride=cfg.stride, size=cfg.image_size, decoder=cfg.decoder
+        frames=cfg.frames, clips=cfg.clips, stride=cfg.stride, size=cfg.image_size,
+        crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, decoder=cfg.decoder
     )
     autocast = device.type == "cuda"
     batch = np.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)

@@ -227,3 +227,53 @@ def test_decord_failure_falls_back_to_pyav(tiny_mp4, monkeypatch):
     monkeypatch.setattr(spool.decode, "_read_decord", broken)
     video = read_video(tiny_mp4(40), frames=4, size=16, decoder="decord")
     assert video.decoder == "pyav" and video.num_frames == 40
+
+
+# ------------------------------------------------------------------ the evaluation transform
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (360, 203), (97, 131), (256, 256)])
+@pytest.mark.parametrize("size,crop_pct", [(224, 0.875), (112, 0.875), (98, 1.0)])
+def test_frame_transform_equals_torchvision_resize_and_center_crop(shape, size, crop_pct):
+    from PIL import Image
+    from torchvision import transforms
+
+    from spool.decode import FrameTransform
+
+    rng = np.random.default_rng(0)
+    # smooth content plus noise, so a one-pixel offset or another filter shows
+    base = rng.integers(0, 256, size=(shape[0] // 8 + 1, shape[1] // 8 + 1, 3), dtype=np.uint8)
+    frame = np.asarray(Image.fromarray(base).resize(shape[::-1], Image.Resampling.BILINEAR))
+    frame = np.clip(frame.astype(int) + rng.integers(-20, 20, size=frame.shape), 0, 255).astype(np.uint8)
+    reference = transforms.Compose([
+        transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+    ])(Image.fromarray(frame))
+    ours = FrameTransform(size, crop_pct, "bicubic")(frame)
+    assert ours.shape == (size, size, 3)
+    np.testing.assert_array_equal(ours, np.asarray(reference))
+
+
+def test_the_default_transform_is_dinov2s_evaluation_transform(tiny_mp4):
+    """read_video's frames equal torchvision's Resize(size * 8 / 7, bicubic) + CenterCrop(size) on the decoded frame."""
+    import av
+    from PIL import Image
+    from torchvision import transforms
+
+    path = tiny_mp4(frames=12, size=(120, 160))
+    decoded = read_video(path, frames=4, size=56, decoder="pyav")  # defaults: crop_pct 0.875, bicubic
+    reference = transforms.Compose([transforms.Resize(64, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(56)])
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for clip_pos, idx in enumerate(decoded.frame_indices[0]):
+        expected = np.asarray(reference(Image.fromarray(frames[int(idx)])))
+        np.testing.assert_array_equal(decoded.frames[0, clip_pos], expected)
+
+
+def test_bad_crop_pct_and_interpolation_are_refused():
+    from spool.decode import FrameTransform
+
+    with pytest.raises(ValueError, match="--crop-pct"):
+        FrameTransform(224, 1.5)
+    with pytest.raises(ValueError, match="--interpolation"):
+        FrameTransform(224, 0.875, "lanczos")

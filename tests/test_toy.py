@@ -49,8 +49,8 @@ def test_toy_dataset_files_decode_balanced_and_reversed(toy_videos):
     assert Counter(e.label for e in source.entries) == {i: 4 for i in range(6)}
     # lossless coding: a decoded video is exactly its twin's decoded frames reversed
     for a_name, b_name in TOY_PAIRS:
-        a = read_video(toy_videos / a_name / f"{a_name}_001.mp4", frames=16, size=32, decoder="pyav")
-        b = read_video(toy_videos / b_name / f"{b_name}_001.mp4", frames=16, size=32, decoder="decord")
+        a = read_video(toy_videos / a_name / f"{a_name}_001.mp4", frames=16, size=32, crop_pct=1.0, decoder="pyav")
+        b = read_video(toy_videos / b_name / f"{b_name}_001.mp4", frames=16, size=32, crop_pct=1.0, decoder="decord")
         assert a.num_frames == b.num_frames == 16
         np.testing.assert_array_equal(a.frames[0], b.frames[0, ::-1])
         assert not np.array_equal(a.frames[0], b.frames[0])
