@@ -55,14 +55,15 @@ def make_data(root: Path, args) -> tuple[Path, Path]:
     return videos, store
 
 
-def grid_dict(store: Path, out: Path, args) -> dict:
+def grid_dict(store: Path, out: Path, args, grid: dict | None = None, device: str = "auto") -> dict:
     return {
         "store": str(store),
         "out": str(out),
         "base": {"epochs": args.epochs, "heads": 6, "depth": 2, "dim": args.dim, "batch-size": args.batch_size, "lr": 1e-3},
-        "grid": {"lookahead": [0, 3], "range": [1, 2]},
+        "grid": grid or {"lookahead": [0, 3], "range": [1, 2]},
         "seeds": [0],
         "workers": 0,
+        "device": device,
     }
 
 
@@ -75,7 +76,7 @@ def run_in_process(grid_data: dict) -> tuple[float, list]:
     return time.perf_counter() - t0, result
 
 
-def run_processes(result, out: Path) -> float:
+def run_processes(result, out: Path, device: str = "cpu") -> float:
     """Each run of the ablation as its own `spool train-head` process, sequentially."""
     t0 = time.perf_counter()
     for run in result.runs:
@@ -84,7 +85,7 @@ def run_processes(result, out: Path) -> float:
             sys.executable, "-m", "spool", "train-head", c.store, "--out", str(out / Path(run.dir).name),
             "--heads", str(c.num_heads), "--lookahead", str(c.lookahead), "--range", str(c.local_frame_range),
             "--depth", str(c.depth), "--dim", str(c.dim), "--epochs", str(c.epochs), "--batch-size", str(c.batch_size),
-            "--lr", str(c.lr), "--seed", str(c.seed), "--workers", "0", "--device", "cpu", "--quiet",
+            "--lr", str(c.lr), "--seed", str(c.seed), "--workers", "0", "--device", device, "--quiet",
         ]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -172,7 +173,7 @@ def main() -> None:
         t0 = time.perf_counter()
         videos, store = make_data(root, args)
         extract_s = time.perf_counter() - t0
-        ablate_s, result = run_in_process(grid_dict(store, root / "ablation", args))
+        ablate_s, result = run_in_process(grid_dict(store, root / "ablation", args, device="cpu"))
         procs_s = run_processes(result, root / "processes")
         loop_s, loop_top1 = run_backbone_in_loop(result, videos, args)
     finally:

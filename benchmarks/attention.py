@@ -18,6 +18,9 @@ exceeds --mem-limit-gb is printed as "skipped (memory)" instead of being run.
 
 TFLOP/s (CUDA) counts only allowed query-key pairs: 4 * hd flops per pair forward
 (QK^T and PV), 3.5x that for forward+backward (the FlashAttention convention).
+
+``--backends sdpa-full`` adds the full-attention reference: fused SDPA without a mask over
+the same S tokens (every pair allowed), the rate the masked backends are held against.
 """
 
 from __future__ import annotations
@@ -37,8 +40,20 @@ from spool.mask import frame_mask
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def allowed_pairs(T, L, k, heads, lookahead_heads):
-    """Allowed (query, key) token pairs summed over heads, from the frame-level rule."""
+def full_attention(q, k, v, **rule):
+    """Unmasked fused SDPA over all S tokens: the full-attention speed reference, not Spool's rule."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+# The three backends of Spool's rule, and the reference they are timed against.
+TIMED = {**ATTENTION, "sdpa-full": full_attention}
+
+
+def allowed_pairs(T, L, k, heads, lookahead_heads, backend="flex"):
+    """Allowed (query, key) token pairs summed over heads, from the frame-level rule
+    (sdpa-full: every pair of the S = (T + 2) * L tokens)."""
+    if backend == "sdpa-full":
+        return heads * ((T + 2) * L) ** 2
     per_group = [frame_mask(T, k, la).sum().item() * L * L for la in (False, True)]
     return (heads - lookahead_heads) * per_group[0] + lookahead_heads * per_group[1]
 
@@ -48,6 +63,8 @@ def estimate_peak_bytes(backend, T, a, device):
     S = (T + 2) * a.L
     elem = torch.tensor([], dtype=DTYPES[a.dtype]).element_size()
     scores = a.batch * a.heads * S * S * 4  # float32 scores on the math path
+    if backend == "sdpa-full":
+        return 0  # fused kernels keep no score matrix
     if backend == "dense":
         # Measured on CPU at T=8, 16: about 3.1x the float32 score matrix plus the bool mask.
         mask = a.heads * S * S
@@ -74,9 +91,19 @@ def mem_available_gb():
         return float("inf")
 
 
-def _sync(device):
+def _time_ms(fn, device):
+    """One call's time in ms: CUDA events on the GPU (no host round trip in the interval),
+    the host clock around a synchronised call elsewhere."""
     if device == "cuda":
-        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def measure(backend, T, a):
@@ -86,7 +113,7 @@ def measure(backend, T, a):
     rule = dict(
         num_frames=T, num_tokens=a.L, local_frame_range=a.k, num_lookahead_heads=a.lookahead, context_frames=True
     )
-    attend = ATTENTION[backend]
+    attend = TIMED[backend]
     g = torch.Generator(device="cpu").manual_seed(T)
     q, k, v = (torch.randn(a.batch, a.heads, S, hd, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     grad_out = torch.randn(q.shape, generator=g).to(device, dtype)
@@ -118,17 +145,10 @@ def measure(backend, T, a):
             continue
         for _ in range(a.warmup):
             fn()
-        times = []
-        for _ in range(a.repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        result[name] = statistics.median(times)
+        result[name] = statistics.median(_time_ms(fn, device) for _ in range(a.repeats))
     if device == "cuda":
         result["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-        pairs = allowed_pairs(T, a.L, a.k, a.heads, a.lookahead)
+        pairs = allowed_pairs(T, a.L, a.k, a.heads, a.lookahead, backend)
         flops = 4 * hd * pairs * a.batch
         result["fwd_tflops"] = flops / (result["fwd_ms"] * 1e-3) / 1e12
         if result["fwd_bwd_ms"]:
@@ -162,7 +182,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--backends", nargs="+", default=["flex", "blocked", "dense"], choices=list(ATTENTION))
+    p.add_argument("--backends", nargs="+", default=["flex", "blocked", "dense"], choices=list(TIMED))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--mem-limit-gb", type=float, default=8.0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 
-def write_store(path: Path, clips: int, T: int, L: int, D: int, seed: int = 0) -> np.ndarray:
+def write_store(path: Path, clips: int, T: int, L: int, D: int, seed: int = 0, num_classes: int = 10) -> np.ndarray:
     from spool.stores import create_store
 
     C = 2  # clips per video
@@ -32,9 +32,9 @@ def write_store(path: Path, clips: int, T: int, L: int, D: int, seed: int = 0) -
     store = create_store(
         path,
         video_ids=[f"v{i:04d}.mp4" for i in range(videos)],
-        labels=np.arange(videos) % 10,
+        labels=np.arange(videos) % num_classes,
         splits=np.full(videos, -1),
-        class_names=[f"c{i}" for i in range(10)],
+        class_names=[f"c{i}" for i in range(num_classes)],
         clips_per_video=C,
         num_frames=T,
         num_tokens=L,
