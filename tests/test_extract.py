@@ -249,3 +249,36 @@ def test_short_videos_repeat_frames_and_are_counted(tmp_path):
         assert v.num_frames[short] == 3
         assert sorted(set(c.frame_indices[short].tolist())) == [0, 1, 2]  # 4 indices over 3 frames: one repeats
         assert summarize(store)["short_videos"] == 1
+
+
+def test_bad_backbone_size_and_out_are_refused_before_the_backbone_loads(small_toy, tmp_path, monkeypatch):
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the options were checked")
+
+    monkeypatch.setattr("spool.extract.load_backbone", no_backbone)
+    runner = CliRunner()
+    base = ["extract", str(small_toy), "--weights", "random", "--frames", "2", "--workers", "0", "-q"]
+    cases = [
+        (["--out", str(tmp_path / "a.zarr"), "--backbone", "resnet50"], "not a Vision Transformer"),
+        (["--out", str(tmp_path / "a.zarr"), "--size", "20"], "--size 20 is not a multiple"),
+        (["--out", str(tmp_path / "feats.npy")], "--out"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "feats.npy").exists()
+
+
+def test_pretrained_weights_offline_fail_before_decoding(small_toy, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from spool.backbone import WeightsError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("spool.extract.load_source", lambda *a, **k: pytest.fail("videos were listed first"))
+    cfg = ExtractConfig(source=str(small_toy), out=str(tmp_path / "x.zarr"), weights="pretrained", image_size=28)
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE"):
+        run_extract(cfg, progress=False)
+    assert not (tmp_path / "x.zarr").exists()
