@@ -290,14 +290,25 @@ def train_head(
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables clipping.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for init, shuffling and the split.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Held-out fraction when the store has no split.")] = 0.2,
+    val_from_train: Annotated[
+        float,
+        typer.Option(help="Hold this fraction of the train videos out (stratified) to choose the best epoch on, "
+                          "so the reported eval number is not also the one the choice was made on. 0: off."),
+    ] = 0.0,
     backend: Annotated[str, typer.Option(help="Attention: auto | flex | blocked | dense.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     cache: Annotated[str, typer.Option(help="auto | none | memory | gpu: hold the features in RAM or GPU memory.")] = "auto",
     workers: Annotated[int, typer.Option(help="Reader threads when features are not cached.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from checkpoint_last.pt in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a run in --out that was trained with other options (refused otherwise).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines; only the result line.")] = False,
 ) -> None:
     """Train and evaluate a temporal head on cached features only; writes config, metrics, checkpoints, plots.
+
+    Prints one line per epoch, then the result line: the final epoch's top-1 on the eval split
+    (the number to report) and, apart, the best epoch's, with the split it was chosen on.
 
     Under torchrun (`torchrun --nproc-per-node 8 -m spool train-head ...`) the processes train
     one model with DistributedDataParallel, one GPU each; --batch-size stays the global batch
@@ -317,15 +328,16 @@ def train_head(
             local_frame_range=range_, depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
             backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
-            seed=seed, val_fraction=val_fraction, cache=cache, workers=workers, device=device, resume=resume,
+            seed=seed, val_fraction=val_fraction, val_from_train=val_from_train, cache=cache, workers=workers,
+            device=device, resume=resume, overwrite=overwrite,
         )  # fmt: skip
         result = run_train_head(cfg, progress=not quiet, dist=rank)
     except NonFiniteLossError as err:
         _fail(err, code=1)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, CheckpointError) as err:
         _fail(err)
-    if not quiet and (rank is None or rank.rank == 0):
-        console.print(f"{out}: top-1 {100 * result.top1:.1f}% (best epoch {result.best.get('epoch')})")
+    if rank is None or rank.rank == 0:
+        console.print(result.result_line(), highlight=False, soft_wrap=True)
 
 
 @app.command()

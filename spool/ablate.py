@@ -92,8 +92,10 @@ def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
     with store:
         t = store.clips()
         val_fraction = grid.base.get("val_fraction", TrainConfig.val_fraction)
+        val_from_train = grid.base.get("val_from_train", TrainConfig.val_from_train)
         try:  # the one split every run trains and evaluates on (load_features draws the same)
-            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed)
+            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed,
+                          val_from_train=val_from_train, class_names=store.class_names)  # fmt: skip
         except (FeatureSetError, ValueError) as err:
             raise GridError(f"{_source(grid)}{grid.store}: cannot split the store for training: {err}") from None
         fingerprint = store.attrs.get("fingerprint")

@@ -186,7 +186,7 @@ def test_wrong_type_or_value_names_the_path_and_what_is_allowed(store, tmp_path)
 
 def test_impossible_combination_is_caught_with_the_store_shapes(store, tmp_path):
     # lookahead 3 > heads 2, only in one cell of the product
-    grid_error(tmp_path, store, r"grid cell lookahead=3, range=1 with base heads=2.*num_lookahead_heads", grid={"lookahead": [0, 3], "range": [1]})
+    grid_error(tmp_path, store, r"grid cell lookahead=3, range=1 with base heads=2.*--lookahead 3 leaves 3 lookahead heads", grid={"lookahead": [0, 3], "range": [1]})
     # dim 8 is not divisible by 3 heads
     no_heads = {k: v for k, v in BASE.items() if k != "heads"}
     grid_error(tmp_path, store, r"grid cell heads=3 with base .*not divisible by num_heads=3", grid={"heads": [2, 3]}, base=no_heads)

@@ -16,8 +16,8 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     seen = {}
 
     class Result:
-        top1 = 0.5
-        best = {"epoch": 3}
+        def result_line(self):
+            return "the result line"
 
     def fake_train_head(cfg, *, progress, dist):
         seen["cfg"], seen["progress"], seen["dist"] = cfg, progress, dist
@@ -27,7 +27,8 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     args = ["train-head", str(tmp_path / "feats.zarr"), "--lookahead", "4", "--heads", "8", "--range", "3",
             "--depth", "2", "--dim", "128", "--no-context", "--token-pool", "2", "--epochs", "7", "--batch-size", "16",
             "--lr", "0.001", "--weight-decay", "0.1", "--label-smoothing", "0.1", "--dropout", "0.2", "--seed", "5",
-            "--backend", "dense", "--device", "cpu", "--resume", "--cache", "memory", "-q"]
+            "--backend", "dense", "--device", "cpu", "--resume", "--cache", "memory", "--val-from-train", "0.1",
+            "--overwrite", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
@@ -35,7 +36,9 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     assert (cfg.context_frames, cfg.token_pool, cfg.epochs, cfg.batch_size) == (False, 2, 7, 16)
     assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.dropout, cfg.seed) == (0.001, 0.1, 0.1, 0.2, 5)
     assert (cfg.backend, cfg.device, cfg.resume, cfg.cache, cfg.head) == ("dense", "cpu", True, "memory", "spool")
+    assert (cfg.val_from_train, cfg.overwrite) == (0.1, True)
     assert cfg.out == str(Path("runs") / "feats-spool")
+    assert result.output.strip() == "the result line"  # printed under -q too
     assert seen["progress"] is False and seen["dist"] is None  # not under torchrun
 
 
