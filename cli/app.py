@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
+from spool.progress import make_console
 
 app = typer.Typer(
     name="spool",
@@ -18,7 +20,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = make_console(stderr=True)
+
+
+@app.callback()
+def _setup() -> None:
+    # Python warnings (random weights, ...) as one line each, without file and source line.
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    warn(str(message))
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
 
 
 def _fail(err: Exception, code: int = 2) -> None:
@@ -103,15 +119,21 @@ def extract(
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {video_id}: {reason}")
-        if result.short:
-            console.print(f"  [yellow]{result.short} videos are shorter than one clip[/]: frames repeat (see frame_indices)")
-        if result.missing:
-            shown = ", ".join(result.missing[:5])
-            console.print(f"  [yellow]{len(result.missing)} listed videos are not on disk[/] (skipped), e.g. {shown}")
         if len(result.failures) > 10:
             console.print(f"  ... {len(result.failures) - 10} more; see `spool info {out}`")
+        if result.short:
+            warn(f"{result.short} videos are shorter than one clip: frames repeat (see frame_indices)")
+        if result.missing:
+            shown = ", ".join(result.missing[:5])
+            warn(f"{len(result.missing)} listed videos are not on disk (skipped), e.g. {shown}")
         if result.shards is not None:
             _print_shards(result.shards, out, rank is not None)
+    if result.unlabeled:
+        # said under -q too: a store without labels cannot be trained on, and nothing else says why
+        where = (f"{result.unlabeled} videos lie directly in {source}, not in a class sub-folder"
+                 if result.source_format == "folder" else f"{result.unlabeled} videos have no label")  # fmt: skip
+        warn(f"{where}: they are stored unlabeled (label -1) and `spool train-head` cannot train on them; "
+             "put each class's videos in SOURCE/<class>/ (or use a list or split file with labels)")
     if result.total_done == 0:
         console.print("[bold red]error:[/] no video was extracted")
         raise typer.Exit(1)
@@ -170,10 +192,10 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
-        _print_summary(summary, Console())
+        _print_summary(summary, make_console())
 
 
-def _print_summary(summary: dict, out: Console) -> None:
+def _print_summary(summary: dict, out) -> None:
     from rich.table import Table
 
     attrs = summary["attrs"]
@@ -216,19 +238,29 @@ def _print_summary(summary: dict, out: Console) -> None:
 def verify(
     store: Annotated[Path, typer.Argument(help="A feature store (.zarr or .h5).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Mark the damaged videos pending, so that re-running the same `spool extract` command "
+                          "extracts them again."),
+    ] = False,
 ) -> None:
-    """Read every DONE video's features back; name each missing or damaged chunk. Exit 1 if any."""
+    """Read every DONE video's features back; name each missing or damaged chunk. Exit 1 if any.
+
+    With --repair, the videos with damaged features are marked pending (exit 0 if that covers
+    every problem); re-run the `spool extract` command that made the store to re-extract them."""
     from spool.stores import StoreError
+    from spool.stores.verify import repair as repair_store
     from spool.stores.verify import verify as verify_store
 
     try:
         report = verify_store(store)
+        repaired = repair_store(store, report) if repair else []
     except StoreError as err:
         _fail(err)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "repaired": repaired}, indent=2))
     else:
-        out = Console()
+        out = make_console()
         out.print(
             f"{report.path}: {report.num_videos} videos ({report.done} done, {report.failed} failed, "
             f"{report.pending} pending), {report.clips_checked} clips checked"
@@ -241,7 +273,19 @@ def verify(
             out.print("[green]ok[/]")
         else:
             out.print(f"[bold red]{len(report.problems)} problems in {len(report.bad_videos)} videos[/]")
-    if not report.ok:
+        if repaired:
+            out.print(
+                f"repaired: {len(repaired)} videos marked pending; re-run the same `spool extract ... --out {store}` "
+                "command to extract them again"
+            )
+        if repair and report.unrepairable:
+            out.print(
+                f"[bold red]{len(report.unrepairable)} problems are in the store's tables or attributes[/], which "
+                f"re-extracting videos does not rewrite: re-create the store (`spool extract ... --overwrite`)"
+            )
+        elif not repair and not report.ok:
+            out.print(f"`spool verify --repair {store}` marks the damaged videos for re-extraction")
+    if not report.ok and not (repair and not report.unrepairable):
         raise typer.Exit(1)
 
 
@@ -409,7 +453,7 @@ def ablate(
             console.print("[bold red]interrupted:[/] finished runs are kept; re-run the same command to resume")
         raise typer.Exit(130)
     if dry_run:
-        print_plan(result, Console())
+        print_plan(result, make_console())
         return
     if result.failed:
         console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")

@@ -230,13 +230,13 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
         result.rows = [_row(grid, r, _read_record(r)) for r in runs]
         return result
 
-    from rich.console import Console
+    from spool.progress import make_console
 
     if submitit and pending:
         from spool.launcher import require_submitit
 
         require_submitit()  # a missing package is said before anything is written
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / "grid.json", grid.to_json())
@@ -428,10 +428,11 @@ def summary_markdown(result: AblationResult) -> str:
 
 def print_summary(result: AblationResult, console=None) -> None:
     """The per-cell table (mean ± std over seeds, best first, ★ = best) as a rich table."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from spool.progress import make_console
+
+    console = console or make_console()
     header, body = _summary_rows(result)
     table = Table(title=f"ablation {result.grid.out}")
     for i, h in enumerate(header):
@@ -443,10 +444,11 @@ def print_summary(result: AblationResult, console=None) -> None:
 
 def print_plan(result: AblationResult, console=None) -> None:
     """The dry-run listing: every cell with its overrides and how many of its runs are complete."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from spool.progress import make_console
+
+    console = console or make_console()
     g = result.grid
     table = Table(title=f"{len(result.cells)} cells x {len(g.seeds)} seeds = {len(result.runs)} runs "
                   f"({result.skipped} complete, {len(result.runs) - result.skipped} to train)")  # fmt: skip

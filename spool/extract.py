@@ -111,7 +111,7 @@ class ExtractResult:
     frames: int = 0
     shards: ShardReport | None = None  # sharded runs: where all the shards stand after this one
     missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
-    unlabeled: int = 0  # videos without a class (label -1): train-head cannot use them
+    unlabeled: int = 0  # videos without a class (label -1) where they are a mistake: train-head cannot use them
     source_format: str = ""
     short: int = 0  # videos shorter than one clip: frames repeat (spool.sampling documents the rule)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
@@ -242,10 +242,11 @@ def run_extract(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, token_pool=cfg.token_pool, seed=cfg.seed
     )
     encoder = encoder.to(device)
-    result = ExtractResult(
-        store=str(cfg.out), missing=list(source.missing), source_format=source.format,
-        unlabeled=sum(e.label < 0 for e in source.entries),
-    )  # fmt: skip
+    unlabeled = sum(e.label < 0 for e in source.entries)
+    if source.format != "folder" and unlabeled < len(source.entries):
+        unlabeled = 0  # a test split without labels (SSv2, Kinetics) is unlabeled by design
+    result = ExtractResult(store=str(cfg.out), missing=list(source.missing), source_format=source.format,
+                           unlabeled=unlabeled)  # fmt: skip
     if not cfg.shard.whole or torchrun is not None:
         _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun)
         return result

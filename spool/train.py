@@ -48,6 +48,7 @@ from spool.device import resolve_device
 from spool.distributed import TorchrunEnv, rank_device
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
+from spool.progress import make_console
 
 
 class TrainError(RuntimeError):
@@ -568,10 +569,9 @@ def _run(
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     show_bar = progress and sys.stderr.isatty()
     if cfg.resume and ckpt is None and progress:
         console.print(f"resume: no {last_path.name} in {out}; training from the start")
