@@ -100,6 +100,20 @@ def test_ablate_dry_run_lists_cells_and_a_bad_grid_runs_nothing(monkeypatch, tmp
     assert "6 cells x 2 seeds = 12 runs" in " ".join(result.output.split())
     assert not (out / "results.csv").exists()
 
+    # off a terminal (a Slurm log), long cell ids and overrides are printed whole, not cut to 80 columns
+    grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 1]\n  range: [1, 2]\n  depth: [1]\n"
+                    "  weight-decay: [0.05]\n  label-smoothing: [0.1]\n  dropout: [0.0]\n")
+    wide = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out), "--dry-run"])
+    assert wide.exit_code == 0, wide.output
+    from spool.ablate import plan_ablation
+    from spool.grid import load_grid
+
+    cells, _ = plan_ablation(load_grid(grid, store_override=path, out_override=out))
+    assert len(cells) == 4 and all(len(c.id) > 40 for c in cells)
+    for c in cells:
+        assert c.id in wide.output, wide.output
+    assert "…" not in wide.output
+
     grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 3]\n")
     bad = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out)])
     assert bad.exit_code == 2
