@@ -158,8 +158,9 @@ def merge_shards(
 ) -> None:
     """Merge the shards' records into the store and check that every shard finished.
 
-    Exit 0 when no video is pending; 1 when some are, naming their shards (re-run those with
-    the same command); 2 when a shard is still writing the store."""
+    Exit 0 when no video is pending (or the store has no shards: nothing to merge); 1 when
+    some are, naming their shards (re-run those with the same command); 2 when a shard is
+    still writing the store."""
     from spool.stores import StoreError
     from spool.stores.shards import merge_shards as run_merge
 
@@ -167,6 +168,14 @@ def merge_shards(
         report = run_merge(store)
     except (StoreError, FileNotFoundError) as err:
         _fail(err)
+    if report.count == 0:  # not a sharded store: no journals or markers were ever written
+        if as_json:
+            typer.echo(json.dumps({**report.to_dict(), "nothing_to_merge": True}, indent=2))
+        else:
+            pending = f"; {report.pending_videos} videos are pending (re-run `spool extract`)" if report.pending_videos else ""
+            console.print(f"{store}: nothing to merge; it holds no shard records (it was not written with --shard "
+                          f"or under torchrun){pending}", highlight=False, soft_wrap=True)  # fmt: skip
+        return
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from spool.cli.app import app
@@ -59,7 +60,19 @@ def test_show_mask_json_is_the_frame_rule():
     drawn = runner.invoke(app, ["show-mask", "--frames", "4", "--range", "1"])
     assert "lookback (3 heads)" in drawn.output and "C_e" in drawn.output
     bad = runner.invoke(app, ["show-mask", "--heads", "2", "--lookahead", "3"])
-    assert bad.exit_code == 2 and "num_lookahead_heads=3" in bad.output
+    assert bad.exit_code == 2 and "--lookahead 3 must be between 0 and --heads 2" in bad.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--range", "-1"], "--range must be >= 0, got -1"),
+    (["--frames", "0"], "--frames must be >= 1, got 0"),
+    (["--heads", "0"], "--heads must be >= 1, got 0"),
+])  # fmt: skip
+def test_show_mask_refuses_what_train_head_refuses(args, message):
+    for json_flag in ([], ["--json"]):
+        bad = runner.invoke(app, ["show-mask", *args, *json_flag])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert "#" not in bad.output  # no mask drawn
 
 
 def test_info_json_counts_done_and_failed_videos(tmp_path):

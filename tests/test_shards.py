@@ -375,3 +375,15 @@ def test_a_shard_redoing_a_failed_video_replaces_it_on_merge(tmp_path, suffix):
         np.testing.assert_array_equal(s.read_patches([4, 5]), patches)
         np.testing.assert_array_equal(s.clips().frame_indices[4:6], frame_indices)
         assert (v.num_frames[2], v.fps[2]) == (num_frames, fps)
+
+
+def test_merge_shards_on_a_store_without_shards_says_there_is_nothing_to_merge(tmp_path):
+    path = tmp_path / "plain.zarr"
+    _new_store(path).close()
+    result = CliRunner().invoke(app, ["merge-shards", str(path)])
+    said = _flat(result.output)
+    assert result.exit_code == 0, said
+    assert "nothing to merge; it holds no shard records" in said and "7 videos are pending" in said
+    assert "all 0 shards" not in said
+    as_json = json.loads(CliRunner().invoke(app, ["merge-shards", str(path), "--json"]).output)
+    assert as_json["nothing_to_merge"] is True and as_json["count"] == 0
