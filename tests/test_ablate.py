@@ -259,3 +259,60 @@ def test_dry_run_lists_cells_and_trains_nothing(store, tmp_path, capsys):
 def test_example_grid_is_valid():
     grid = load_grid(Path(__file__).parent.parent / "examples" / "grid.yaml", store_override="x.zarr")
     assert len(expand(grid)) > 1
+
+
+def _no_overlap(fig) -> None:
+    """The legend sits beside the axes and no text on the axes overlaps another text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers the plot"
+    texts = [t.get_window_extent(renderer) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(texts) for b in texts[i + 1 :])
+
+
+def test_plots_have_seed_error_bars_baseline_and_chance_lines(reference):
+    import numpy as np
+    from matplotlib.container import ErrorbarContainer
+
+    from spool.ablate import LOG_SPAN, axis_figure, scatter_figure
+
+    chance = 0.5
+    fig = axis_figure(reference, "lookahead", chance)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # one line per range value
+    # the error bar of (lookahead=0, range=1) is the std over seeds of that cell's top-1
+    rows = [r for r in reference.rows if r["kind"] == "grid" and r["lookahead"] == 0 and r["range"] == 1]
+    lo, hi = bars[0].lines[2][0].get_segments()[0][:, 1]
+    assert hi - lo == pytest.approx(2 * 100 * np.std([r["top1"] for r in rows]))
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "mean-linear (baseline)" in labels and "chance (50.0%)" in labels
+    base = next(s for s in reference.summary if s["kind"] == "baseline")
+    hline = next(line for line in ax.get_lines() if line.get_label() == "mean-linear (baseline)")
+    assert hline.get_ydata()[0] == pytest.approx(100 * base["top1_mean"])
+    _no_overlap(fig)
+
+    fig = scatter_figure(reference, "clips_per_s", "train clips/s", chance)
+    ax = fig.axes[0]
+    assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == len(reference.summary)
+    assert not ax.texts  # cells are named in the legend, not next to their points
+    rates = [s["clips_per_s"] for s in reference.summary]
+    assert ax.get_xscale() == ("log" if max(rates) / min(rates) > LOG_SPAN else "linear")
+    _no_overlap(fig)
+
+
+def test_throughput_spanning_orders_of_magnitude_is_drawn_on_a_log_axis(reference):
+    import dataclasses
+
+    from spool.ablate import scatter_figure
+
+    summary = [dict(s) for s in reference.summary]
+    for s in summary:  # a baseline a thousand times faster than the heads
+        s["clips_per_s"] = 1e6 if s["kind"] == "baseline" else 1e3 + len(s["cell"])
+    fast = dataclasses.replace(reference, summary=summary)
+    assert scatter_figure(fast, "clips_per_s", "train clips/s").axes[0].get_xscale() == "log"
+    for s in summary:
+        s["clips_per_s"] = 1000.0 + len(s["cell"])
+    assert scatter_figure(fast, "clips_per_s", "train clips/s").axes[0].get_xscale() == "linear"
