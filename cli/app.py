@@ -55,11 +55,15 @@ def extract(
         Optional[list[Path]], typer.Option("--split-file", help="Official split file(s); repeat the option.")
     ] = None,
     labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="SSv2 labels JSON or class names.")] = None,
-    backbone: Annotated[str, typer.Option(help="dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name.")] = "dinov2_vits14",
+    backbone: Annotated[
+        str, typer.Option(help="dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name (other models are refused).")
+    ] = "dinov2_vits14",
     weights: Annotated[
         str, typer.Option(help="'pretrained' (timm hub cache), a .pth/.safetensors path, or 'random' (tests only).")
     ] = "pretrained",
-    size: Annotated[int, typer.Option(help="Shorter side resize, then centre crop to size x size.")] = 224,
+    size: Annotated[
+        int, typer.Option(help="Shorter side resize, then centre crop to size x size; a multiple of the patch size (14).")
+    ] = 224,
     token_pool: Annotated[int, typer.Option(help="Average P x P patches before writing.")] = 1,
     frames: Annotated[int, typer.Option(help="Frames per clip (T).")] = 16,
     stride: Annotated[Optional[int], typer.Option(help="Fixed frame step; default: T frames spread over the video.")] = None,

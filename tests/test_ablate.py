@@ -99,6 +99,7 @@ def test_rerun_skips_complete_runs(reference):
     assert read_csv(reference.out / "results.csv") == before
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_to_the_same_results(store, reference, tmp_path):
     grid_file = write_grid(tmp_path / "grid.yaml", store, tmp_path / "out")
     code = "import sys; from spool.ablate import load_grid, run_ablation; run_ablation(load_grid(sys.argv[1]), progress=False)"
@@ -144,6 +145,7 @@ def test_failing_run_is_recorded_and_the_others_go_on(store, tmp_path, monkeypat
     assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["ok"] * 4
 
 
+@pytest.mark.slow
 def test_parallel_jobs_and_token_pool_groups_match_one_process(store, tmp_path):
     changes = {"grid": {"token-pool": [1, 2], "range": [1]}, "seeds": [0], "baselines": ["attentive-probe"]}
     one = run_ablation(load_grid(write_grid(tmp_path / "a.yaml", store, tmp_path / "a", **changes)), progress=False)

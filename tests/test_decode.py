@@ -229,6 +229,7 @@ def test_decord_failure_falls_back_to_pyav(tiny_mp4, monkeypatch):
     assert video.decoder == "pyav" and video.num_frames == 40
 
 
+@pytest.mark.slow
 def test_native_decoder_chatter_is_silenced_and_reasons_are_plain(tmp_path, tiny_mp4):
     import shutil
     import subprocess

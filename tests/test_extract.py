@@ -206,6 +206,7 @@ def _extract_cmd(source: Path, out: Path) -> list[str]:
             "--size", "28", "--frames", "4", "--workers", "1", "--batch-size", "6", "-q"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(small_toy, small_store, tmp_path):
     out = tmp_path / "killed.zarr"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -223,6 +224,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(small_toy
     _assert_same_content(small_store, out)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_store(small_toy, small_store, tmp_path):
     out = tmp_path / "busy.zarr"
     shutil.copytree(small_store, out)

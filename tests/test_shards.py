@@ -199,6 +199,7 @@ def test_recreating_an_hdf5_store_drops_the_old_shard_records(tmp_path):
 # --- real extraction ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_job_array_shards_running_at_once_give_the_single_process_store(small_toy, small_store, tmp_path):
     out = tmp_path / "array.zarr"
     procs = [subprocess.Popen([*_extract_cmd(small_toy, out), "--shard", f"{i}/3"], env=ENV) for i in range(3)]
@@ -213,6 +214,7 @@ def test_job_array_shards_running_at_once_give_the_single_process_store(small_to
     assert CliRunner().invoke(app, ["merge-shards", str(out)]).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_missing_shard_is_named_and_running_it_later_completes_the_store(small_toy, small_store, tmp_path):
     out = tmp_path / "late.h5"
     loud = [a for a in _extract_cmd(small_toy, out) if a != "-q"]
@@ -227,6 +229,7 @@ def test_a_missing_shard_is_named_and_running_it_later_completes_the_store(small
     _assert_same_content(small_store, out)
 
 
+@pytest.mark.slow
 def test_a_killed_shard_resumes(small_toy, small_store, tmp_path):
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([*_extract_cmd(small_toy, out), "--shard", "1/2"], env=ENV)
@@ -259,6 +262,7 @@ def test_shard_option_errors(small_toy, small_store, tmp_path, monkeypatch):
     assert both.exit_code == 2 and "under torchrun leave --shard out" in _flat(both.output)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_store(small_toy, small_store, tmp_path):
     out = tmp_path / "torchrun.zarr"
     loud = [a for a in _extract_cmd(small_toy, out)[3:] if a != "-q"]
@@ -338,6 +342,7 @@ def test_a_finishing_shard_skips_the_merge_only_while_others_hold_the_store(tmp_
         _merge_if_alone(path)
 
 
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_store, tmp_path):
     # Two torchrun agents with a static rendezvous on this machine stand in for two nodes.
     out, port = tmp_path / "nodes.h5", str(_free_port())
