@@ -217,11 +217,16 @@ def check_backbone_options(backbone: str, image_size: int, token_pool: int = 1) 
 
 
 def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout_s``."""
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout_s``. Behind a
+    proxy the hub may answer while a direct connection cannot open: then this says True and
+    leaves the answer to the download itself."""
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     url = urlparse(endpoint)
+    if url.scheme in getproxies() or "all" in getproxies():
+        return True
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout_s):

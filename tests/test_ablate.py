@@ -183,6 +183,7 @@ def test_wrong_type_or_value_names_the_path_and_what_is_allowed(store, tmp_path)
     grid_error(tmp_path, store, r"grid\.backend\[0\]: 'fast' .* expected auto \| flex \| blocked \| dense", grid={"backend": ["fast"]})
     grid_error(tmp_path, store, r"grid\.depth\[0\]: True is not allowed", grid={"depth": [True]})
     grid_error(tmp_path, store, r"grid\.val-fraction: .*set it in base", grid={"val-fraction": [0.2, 0.3]})
+    grid_error(tmp_path, store, r"grid\.val-from-train: .*set it in base", grid={"val-from-train": [0.1, 0.2]})
     grid_error(tmp_path, store, r"seeds: expected a non-empty list of integers", seeds=["a"])
 
 
@@ -318,3 +319,16 @@ def test_throughput_spanning_orders_of_magnitude_is_drawn_on_a_log_axis(referenc
     for s in summary:
         s["clips_per_s"] = 1000.0 + len(s["cell"])
     assert scatter_figure(fast, "clips_per_s", "train clips/s").axes[0].get_xscale() == "linear"
+
+
+def test_val_from_train_in_base_reaches_every_run_and_keeps_other_grids_folders(store, tmp_path):
+    from spool.ablate import plan_ablation
+
+    plain = load_grid(write_grid(tmp_path / "a.yaml", store, tmp_path / "a"))
+    held = load_grid(write_grid(tmp_path / "b.yaml", store, tmp_path / "b", base={**BASE, "val-from-train": 0.25}))
+    _, plain_runs = plan_ablation(plain)
+    _, held_runs = plan_ablation(held)
+    assert all(r.cfg.val_from_train == 0.25 for r in held_runs)
+    assert all(r.cfg.val_from_train == 0.0 for r in plain_runs)
+    # a different selection of the best epoch is a different run, in its own folder
+    assert {r.cell.id for r in plain_runs}.isdisjoint({r.cell.id for r in held_runs})

@@ -143,8 +143,10 @@ def test_pretrained_weights_fail_fast_when_neither_cache_nor_hub_has_them(tmp_pa
         check_pretrained_available("dinov2_vitb14")  # another model's weights are not in that cache
 
 
-def test_hub_reachable_opens_a_connection():
+def test_hub_reachable_opens_a_connection(monkeypatch):
     import socket
+
+    monkeypatch.setattr("urllib.request.getproxies", dict)
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -152,3 +154,8 @@ def test_hub_reachable_opens_a_connection():
         port = server.getsockname()[1]
         assert hub_reachable(f"http://127.0.0.1:{port}", timeout_s=2)
     assert not hub_reachable(f"http://127.0.0.1:{port}", timeout_s=2)  # closed now
+
+
+def test_hub_reachable_leaves_the_answer_to_a_proxy(monkeypatch):
+    monkeypatch.setattr("urllib.request.getproxies", lambda: {"http": "http://proxy:3128"})
+    assert hub_reachable("http://127.0.0.1:9", timeout_s=1)  # port 9 is closed, but a proxy may reach the hub
