@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
+from spool.progress import make_console
 
 app = typer.Typer(
     name="spool",
@@ -18,7 +20,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = make_console(stderr=True)
+
+
+@app.callback()
+def _setup() -> None:
+    # Python warnings (random weights, ...) as one line each, without file and source line.
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    warn(str(message))
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
 
 
 def _fail(err: Exception, code: int = 2) -> None:
@@ -39,12 +55,14 @@ def extract(
         Optional[list[Path]], typer.Option("--split-file", help="Official split file(s); repeat the option.")
     ] = None,
     labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="SSv2 labels JSON or class names.")] = None,
-    backbone: Annotated[str, typer.Option(help="dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name.")] = "dinov2_vits14",
+    backbone: Annotated[
+        str, typer.Option(help="dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name (other models are refused).")
+    ] = "dinov2_vits14",
     weights: Annotated[
         str, typer.Option(help="'pretrained' (timm hub cache); an official DINOv2 .pth, a timm .safetensors, or "
                                "Hugging Face facebook/dinov2-* files (a file or snapshot folder); or 'random' (tests only).")
     ] = "pretrained",
-    size: Annotated[int, typer.Option(help="Centre crop size x size fed to the backbone.")] = 224,
+    size: Annotated[int, typer.Option(help="Centre crop size x size fed to the backbone; a multiple of the patch size (14).")] = 224,
     crop_pct: Annotated[
         float, typer.Option(help="Shorter side resized to size / crop-pct before the crop; 0.875 is DINOv2's "
                                  "evaluation transform (256 then 224), 1.0 resizes straight to size.")
@@ -110,15 +128,21 @@ def extract(
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {video_id}: {reason}")
-        if result.short:
-            console.print(f"  [yellow]{result.short} videos are shorter than one clip[/]: frames repeat (see frame_indices)")
-        if result.missing:
-            shown = ", ".join(result.missing[:5])
-            console.print(f"  [yellow]{len(result.missing)} listed videos are not on disk[/] (skipped), e.g. {shown}")
         if len(result.failures) > 10:
             console.print(f"  ... {len(result.failures) - 10} more; see `spool info {out}`")
+        if result.short:
+            warn(f"{result.short} videos are shorter than one clip: frames repeat (see frame_indices)")
+        if result.missing:
+            shown = ", ".join(result.missing[:5])
+            warn(f"{len(result.missing)} listed videos are not on disk (skipped), e.g. {shown}")
         if result.shards is not None:
             _print_shards(result.shards, out, rank is not None)
+    if result.unlabeled:
+        # said under -q too: a store without labels cannot be trained on, and nothing else says why
+        where = (f"{result.unlabeled} videos lie directly in {source}, not in a class sub-folder"
+                 if result.source_format == "folder" else f"{result.unlabeled} videos have no label")  # fmt: skip
+        warn(f"{where}: they are stored unlabeled (label -1) and `spool train-head` cannot train on them; "
+             "put each class's videos in SOURCE/<class>/ (or use a list or split file with labels)")
     if result.total_done == 0:
         console.print("[bold red]error:[/] no video was extracted")
         raise typer.Exit(1)
@@ -143,8 +167,9 @@ def merge_shards(
 ) -> None:
     """Merge the shards' records into the store and check that every shard finished.
 
-    Exit 0 when no video is pending; 1 when some are, naming their shards (re-run those with
-    the same command); 2 when a shard is still writing the store."""
+    Exit 0 when no video is pending (or the store has no shards: nothing to merge); 1 when
+    some are, naming their shards (re-run those with the same command); 2 when a shard is
+    still writing the store."""
     from spool.stores import StoreError
     from spool.stores.shards import merge_shards as run_merge
 
@@ -152,6 +177,14 @@ def merge_shards(
         report = run_merge(store)
     except (StoreError, FileNotFoundError) as err:
         _fail(err)
+    if report.count == 0:  # not a sharded store: no journals or markers were ever written
+        if as_json:
+            typer.echo(json.dumps({**report.to_dict(), "nothing_to_merge": True}, indent=2))
+        else:
+            pending = f"; {report.pending_videos} videos are pending (re-run `spool extract`)" if report.pending_videos else ""
+            console.print(f"{store}: nothing to merge; it holds no shard records (it was not written with --shard "
+                          f"or under torchrun){pending}", highlight=False, soft_wrap=True)  # fmt: skip
+        return
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -177,10 +210,10 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
-        _print_summary(summary, Console())
+        _print_summary(summary, make_console())
 
 
-def _print_summary(summary: dict, out: Console) -> None:
+def _print_summary(summary: dict, out) -> None:
     from rich.table import Table
 
     attrs = summary["attrs"]
@@ -229,19 +262,29 @@ def _print_summary(summary: dict, out: Console) -> None:
 def verify(
     store: Annotated[Path, typer.Argument(help="A feature store (.zarr or .h5).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Mark the damaged videos pending, so that re-running the same `spool extract` command "
+                          "extracts them again."),
+    ] = False,
 ) -> None:
-    """Read every DONE video's features back; name each missing or damaged chunk. Exit 1 if any."""
+    """Read every DONE video's features back; name each missing or damaged chunk. Exit 1 if any.
+
+    With --repair, the videos with damaged features are marked pending (exit 0 if that covers
+    every problem); re-run the `spool extract` command that made the store to re-extract them."""
     from spool.stores import StoreError
+    from spool.stores.verify import repair as repair_store
     from spool.stores.verify import verify as verify_store
 
     try:
         report = verify_store(store)
+        repaired = repair_store(store, report) if repair else []
     except StoreError as err:
         _fail(err)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "repaired": repaired}, indent=2))
     else:
-        out = Console()
+        out = make_console()
         out.print(
             f"{report.path}: {report.num_videos} videos ({report.done} done, {report.failed} failed, "
             f"{report.pending} pending), {report.clips_checked} clips checked"
@@ -254,7 +297,19 @@ def verify(
             out.print("[green]ok[/]")
         else:
             out.print(f"[bold red]{len(report.problems)} problems in {len(report.bad_videos)} videos[/]")
-    if not report.ok:
+        if repaired:
+            out.print(
+                f"repaired: {len(repaired)} videos marked pending; re-run the same `spool extract ... --out {store}` "
+                "command to extract them again"
+            )
+        if repair and report.unrepairable:
+            out.print(
+                f"[bold red]{len(report.unrepairable)} problems are in the store's tables or attributes[/], which "
+                f"re-extracting videos does not rewrite: re-create the store (`spool extract ... --overwrite`)"
+            )
+        elif not repair and not report.ok:
+            out.print(f"`spool verify --repair {store}` marks the damaged videos for re-extraction")
+    if not report.ok and not (repair and not report.unrepairable):
         raise typer.Exit(1)
 
 
@@ -303,14 +358,25 @@ def train_head(
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables clipping.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for init, shuffling and the split.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Held-out fraction when the store has no split.")] = 0.2,
+    val_from_train: Annotated[
+        float,
+        typer.Option(help="Hold this fraction of the train videos out (stratified) to choose the best epoch on, "
+                          "so the reported eval number is not also the one the choice was made on. 0: off."),
+    ] = 0.0,
     backend: Annotated[str, typer.Option(help="Attention: auto | flex | blocked | dense.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     cache: Annotated[str, typer.Option(help="auto | none | memory | gpu: hold the features in RAM or GPU memory.")] = "auto",
     workers: Annotated[int, typer.Option(help="Reader threads when features are not cached.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from checkpoint_last.pt in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a run in --out that was trained with other options (refused otherwise).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch lines; only the result line.")] = False,
 ) -> None:
     """Train and evaluate a temporal head on cached features only; writes config, metrics, checkpoints, plots.
+
+    Prints one line per epoch, then the result line: the final epoch's top-1 on the eval split
+    (the number to report) and, apart, the best epoch's, with the split it was chosen on.
 
     Under torchrun (`torchrun --nproc-per-node 8 -m spool train-head ...`) the processes train
     one model with DistributedDataParallel, one GPU each; --batch-size stays the global batch
@@ -330,15 +396,16 @@ def train_head(
             local_frame_range=range_, depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
             backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
-            seed=seed, val_fraction=val_fraction, cache=cache, workers=workers, device=device, resume=resume,
+            seed=seed, val_fraction=val_fraction, val_from_train=val_from_train, cache=cache, workers=workers,
+            device=device, resume=resume, overwrite=overwrite,
         )  # fmt: skip
         result = run_train_head(cfg, progress=not quiet, dist=rank)
     except NonFiniteLossError as err:
         _fail(err, code=1)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, CheckpointError) as err:
         _fail(err)
-    if not quiet and (rank is None or rank.rank == 0):
-        console.print(f"{out}: top-1 {100 * result.top1:.1f}% (best epoch {result.best.get('epoch')})")
+    if rank is None or rank.rank == 0:
+        console.print(result.result_line(), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -410,7 +477,7 @@ def ablate(
             console.print("[bold red]interrupted:[/] finished runs are kept; re-run the same command to resume")
         raise typer.Exit(130)
     if dry_run:
-        print_plan(result, Console())
+        print_plan(result, make_console())
         return
     if result.failed:
         console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")

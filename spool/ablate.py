@@ -92,8 +92,10 @@ def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
     with store:
         t = store.clips()
         val_fraction = grid.base.get("val_fraction", TrainConfig.val_fraction)
+        val_from_train = grid.base.get("val_from_train", TrainConfig.val_from_train)
         try:  # the one split every run trains and evaluates on (load_features draws the same)
-            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed)
+            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed,
+                          val_from_train=val_from_train, class_names=store.class_names)  # fmt: skip
         except (FeatureSetError, ValueError) as err:
             raise GridError(f"{_source(grid)}{grid.store}: cannot split the store for training: {err}") from None
         fingerprint = store.attrs.get("fingerprint")
@@ -228,13 +230,13 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
         result.rows = [_row(grid, r, _read_record(r)) for r in runs]
         return result
 
-    from rich.console import Console
+    from spool.progress import make_console
 
     if submitit and pending:
         from spool.launcher import require_submitit
 
         require_submitit()  # a missing package is said before anything is written
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / "grid.json", grid.to_json())
@@ -426,10 +428,11 @@ def summary_markdown(result: AblationResult) -> str:
 
 def print_summary(result: AblationResult, console=None) -> None:
     """The per-cell table (mean ± std over seeds, best first, ★ = best) as a rich table."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from spool.progress import make_console
+
+    console = console or make_console()
     header, body = _summary_rows(result)
     table = Table(title=f"ablation {result.grid.out}")
     for i, h in enumerate(header):
@@ -441,10 +444,11 @@ def print_summary(result: AblationResult, console=None) -> None:
 
 def print_plan(result: AblationResult, console=None) -> None:
     """The dry-run listing: every cell with its overrides and how many of its runs are complete."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from spool.progress import make_console
+
+    console = console or make_console()
     g = result.grid
     table = Table(title=f"{len(result.cells)} cells x {len(g.seeds)} seeds = {len(result.runs)} runs "
                   f"({result.skipped} complete, {len(result.runs) - result.skipped} to train)")  # fmt: skip
@@ -470,50 +474,113 @@ def print_plan(result: AblationResult, console=None) -> None:
 
 def plot_results(result: AblationResult, folder: Path) -> list[Path]:
     """top1_vs_<axis>.png per grid axis (one line per value of the next axis, mean over the
-    rest and the seeds), top1_vs_params.png and top1_vs_throughput.png (one point per cell)."""
+    rest, error bars = std over seeds), top1_vs_params.png and top1_vs_throughput.png (one
+    point per cell, named in a legend beside the axes, so no label covers a point or another
+    label). Each plot draws the baselines and chance as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in result.rows if r["status"] == "ok"]
-    grid_rows = [r for r in rows if r["kind"] == "grid"]
-    axes = [key_name(f) for f, _ in result.grid.axes]
-    values = {key_name(f): list(v) for f, v in result.grid.axes}
+    chance = _chance(result.grid.store)
     written = []
-    for i, axis in enumerate(axes):
-        other = axes[(i + 1) % len(axes)] if len(axes) > 1 else None
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        xs = values[axis]
-        for line in values[other] if other else [None]:
-            ys = []
-            for x in xs:
-                acc = [r["top1"] for r in grid_rows if r[axis] == x and (other is None or r[other] == line)]
-                ys.append(100 * np.mean(acc) if acc else np.nan)
-            ax.plot(range(len(xs)), ys, marker="o", label=f"{other}={line}" if other else None)
-        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-        ax.set_xlabel(axis)
-        ax.set_ylabel("top-1 % (mean)")
-        if other:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(folder / f"top1_vs_{axis}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    for key, label, name in (("params", "parameters", "params"), ("clips_per_s", "train clips/s", "throughput")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for s in result.summary:
-            if s["top1_mean"] is None:
-                continue
-            ax.scatter(s[key], 100 * s["top1_mean"], marker="*" if s["best"] else ("s" if s["kind"] == "baseline" else "o"))
-            ax.annotate(s["cell"].rsplit("-", 1)[0], (s[key], 100 * s["top1_mean"]), fontsize=6)
-        ax.set_xlabel(label)
-        ax.set_ylabel("top-1 % (mean over seeds)")
-        if key == "params":
-            ax.set_xscale("log")
-        fig.tight_layout()
-        written.append(folder / f"top1_vs_{name}.png")
-        fig.savefig(written[-1], dpi=100)
+    figures = [(f"top1_vs_{key_name(f)}", axis_figure(result, key_name(f), chance)) for f, _ in result.grid.axes]
+    figures += [
+        ("top1_vs_params", scatter_figure(result, "params", "parameters", chance)),
+        ("top1_vs_throughput", scatter_figure(result, "clips_per_s", "train clips/s", chance)),
+    ]
+    for name, fig in figures:
+        written.append(folder / f"{name}.png")
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")  # "tight": the legend beside the axes is kept
         plt.close(fig)
     return written
+
+
+def _chance(store_path: str) -> float | None:
+    """Top-1 of a uniform guess, 1 / classes, or None when the store cannot be read."""
+    from spool.stores import StoreError, open_store
+
+    try:
+        with open_store(store_path, mode="r") as store:
+            return 1.0 / max(1, len(store.class_names))
+    except (StoreError, OSError):
+        return None
+
+
+def _reference_lines(ax, result: AblationResult, chance: float | None) -> None:
+    """Baselines (mean over seeds) and chance, as horizontal lines across the plot."""
+    styles = iter(["--", "-.", (0, (5, 1, 1, 1)), (0, (3, 1))])
+    for s in result.summary:
+        if s["kind"] == "baseline" and s["top1_mean"] is not None:
+            ax.axhline(100 * s["top1_mean"], color="0.35", linestyle=next(styles, "--"), linewidth=1,
+                       label=f"{s['head']} (baseline)")  # fmt: skip
+    if chance is not None:
+        ax.axhline(100 * chance, color="0.6", linestyle=":", linewidth=1, label=f"chance ({100 * chance:.1f}%)")
+
+
+def _outside_legend(ax, fontsize: float = 7) -> None:
+    # beside the axes, not over the data: labels never cover points or each other
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def axis_figure(result: AblationResult, axis: str, chance: float | None = None):
+    """Mean top-1 against one grid axis, a line per value of the next axis; error bars: the std
+    over seeds of the per-seed mean (over the other axes)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r["status"] == "ok" and r["kind"] == "grid"]
+    axes = [key_name(f) for f, _ in result.grid.axes]
+    values = {key_name(f): list(v) for f, v in result.grid.axes}
+    other = axes[(axes.index(axis) + 1) % len(axes)] if len(axes) > 1 else None
+    lines = values[other] if other else [None]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    xs = values[axis]
+    width = 0.08 * (len(lines) - 1)  # lines side by side at each x, so error bars do not hide each other
+    for n, line in enumerate(lines):
+        mean, std = [], []
+        for x in xs:
+            group = [r for r in rows if r[axis] == x and (other is None or r[other] == line)]
+            per_seed = [np.mean([r["top1"] for r in group if r["seed"] == seed]) for seed in sorted({r["seed"] for r in group})]
+            mean.append(100 * np.mean(per_seed) if per_seed else np.nan)
+            std.append(100 * np.std(per_seed) if len(per_seed) > 1 else 0.0)
+        offset = (n / max(1, len(lines) - 1) - 0.5) * width if len(lines) > 1 else 0.0
+        ax.errorbar(np.arange(len(xs)) + offset, mean, yerr=std, marker="o", capsize=3,
+                    label=f"{other}={line}" if other else "grid")  # fmt: skip
+    _reference_lines(ax, result, chance)
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"top-1 % (mean ± std over {len(result.grid.seeds)} seeds)")
+    _outside_legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+# A throughput axis spanning more than this ratio is drawn on a log scale: a fast baseline
+# would otherwise press every head into one corner.
+LOG_SPAN = 20.0
+
+
+def scatter_figure(result: AblationResult, key: str, label: str, chance: float | None = None):
+    """Mean top-1 (± std over seeds) against ``key`` ("params" or "clips_per_s"), one point per
+    cell; the legend beside the axes names them."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    cells = [s for s in result.summary if s["top1_mean"] is not None and s[key] is not None]
+    colors = plt.get_cmap("tab20" if len(cells) > 10 else "tab10")
+    for n, s in enumerate(cells):
+        marker = "*" if s["best"] else ("s" if s["kind"] == "baseline" else "o")
+        # no text on the axes: cells are told apart by colour and marker, named in the legend
+        ax.errorbar(s[key], 100 * s["top1_mean"], yerr=100 * (s["top1_std"] or 0.0), marker=marker,
+                    markersize=9 if s["best"] else 6, capsize=3, linestyle="none", color=colors(n % colors.N),
+                    label=s["cell"] + (" (best)" if s["best"] else ""))  # fmt: skip
+    _reference_lines(ax, result, chance)
+    spread = [s[key] for s in cells if s[key] > 0]
+    if key == "params" or (spread and max(spread) / min(spread) > LOG_SPAN):
+        ax.set_xscale("log")
+    ax.set_xlabel(label + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(f"top-1 % (mean ± std over {len(result.grid.seeds)} seeds)")
+    _outside_legend(ax, fontsize=6)
+    fig.tight_layout()
+    return fig

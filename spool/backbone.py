@@ -291,3 +291,97 @@ def normalize_frames(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# --- checks run before anything heavy (spool extract validates its options with these) -------
+
+# (kept apart from the imports above so that this section merges on its own)
+from typing import Callable  # noqa: E402
+
+# Files timm looks for in a Hugging Face repo, in its order of preference.
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def check_backbone_options(backbone: str, image_size: int, token_pool: int = 1) -> int:
+    """Refuse a backbone that is not a ViT, and a ``--size`` or ``--token-pool`` that does not tile
+    its patch grid, before any weights are loaded. Returns the patch grid side (size / patch).
+
+    The architecture is built on the meta device: no memory, no weights, a fraction of a second
+    even for ViT-g, and it is timm's own answer to "what is the patch size of this model"."""
+    name = timm_name(backbone)
+    arch = name.split(".")[0]
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception as err:  # timm raises many kinds for models it cannot build this way
+        raise ValueError(f"--backbone {backbone}: timm cannot build {arch!r} ({err})") from err
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
+        known = ", ".join(sorted(BACKBONES))
+        raise ValueError(
+            f"--backbone {backbone} is a timm model but not a Vision Transformer ({type(model).__name__}); "
+            f"spool extract stores per-patch tokens and needs a ViT: use one of {known}, or a timm ViT name "
+            "(e.g. vit_base_patch16_clip_224.openai)"
+        )
+    patch = int(patch_embed.patch_size[0])
+    if image_size % patch:
+        lower, upper = image_size // patch * patch, (image_size // patch + 1) * patch
+        options = f"--size {lower} or --size {upper}" if lower >= patch else f"--size {upper}"
+        raise ValueError(
+            f"--size {image_size} is not a multiple of {backbone}'s patch size {patch}: the patch grid would be "
+            f"{image_size // patch}x{image_size // patch} and the last {image_size % patch} pixel rows and columns "
+            f"would be dropped; pass {options}"
+        )
+    grid = image_size // patch
+    if grid % token_pool:
+        raise ValueError(
+            f"--token-pool {token_pool} does not divide the {grid}x{grid} patch grid of --size {image_size} "
+            f"(patch {patch}); choose a --token-pool that divides {grid}"
+        )
+    return grid
+
+
+def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout_s``. Behind a
+    proxy the hub may answer while a direct connection cannot open: then this says True and
+    leaves the answer to the download itself."""
+    import socket
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    url = urlparse(endpoint)
+    if url.scheme in getproxies() or "all" in getproxies():
+        return True
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_pretrained_available(backbone: str, *, reachable: Callable[[], bool] | None = None) -> None:
+    """Fail in seconds, not after a minute of Hugging Face retries, when ``--weights pretrained``
+    cannot work: the hub cache holds no weights for the backbone and the hub cannot be reached
+    (or HF_HUB_OFFLINE is set). Weights timm fetches from a plain URL are not checked here."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    name = timm_name(backbone)
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return
+    files = [getattr(cfg, "hf_hub_filename", None), *_HUB_FILES]
+    if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files if f):
+        return  # cached: timm loads it without the network
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if not offline and (reachable or (lambda: hub_reachable(constants.ENDPOINT)))():
+        return  # not cached, but the download can start
+    why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
+    raise WeightsError(
+        f"--weights pretrained: the Hugging Face cache ({constants.HF_HUB_CACHE}) holds no weights for {backbone} "
+        f"({hub_id}) and {why}. Download them on a machine with network access (they land in that cache), "
+        "or pass --weights PATH (an official DINOv2 .pth or a timm .safetensors file), or --weights random "
+        "for a test run without meaningful features."
+    )

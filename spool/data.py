@@ -9,10 +9,12 @@ only the first epoch touches the disk.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -40,7 +42,9 @@ class Splits:
 
     ``eval`` is ``val`` when the store has a validation split (or when one was drawn),
     otherwise ``test``: the store's own test split is never drawn from for model selection
-    unless it is the only held-out split the store gives.
+    unless it is the only held-out split the store gives. ``select`` (``--val-from-train``):
+    videos held out of train to choose the best epoch on, so that the number reported on
+    ``eval`` is not also the one the choice was made on; empty when not asked for.
     """
 
     train: np.ndarray  # (n_train,) int64, sorted
@@ -50,6 +54,8 @@ class Splits:
     source: str  # "store" (the store's own split codes) or "drawn" (grouped stratified split)
     seed: int | None = None  # of a drawn split
     val_fraction: float | None = None  # of a drawn split
+    select: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # held out of train
+    val_from_train: float = 0.0
 
     @property
     def eval(self) -> np.ndarray:
@@ -64,7 +70,52 @@ class Splits:
             "test": int(len(self.test)),
             "seed": self.seed,
             "val_fraction": self.val_fraction,
+            "val_from_train": self.val_from_train,
+            "select": int(len(self.select)),  # clips held out of train to choose the best epoch
         }
+
+
+def _class_counts(videos: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None) -> str:
+    """'walk: 3, run: 2' (videos per class), for messages."""
+    _, first = np.unique(videos, return_index=True)
+    counts = np.bincount(labels[first].astype(np.int64))
+    name = (lambda c: class_names[c]) if class_names is not None and len(class_names) >= len(counts) else (lambda c: f"class {c}")
+    return ", ".join(f"{name(c)}: {n}" for c, n in enumerate(counts) if n)
+
+
+def _draw_held_out(
+    usable: np.ndarray, video_index: np.ndarray, label: np.ndarray, fraction: float, seed: int,
+    option: str, class_names: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) clip indices: whole videos, stratified by class, one fold of round(1 / fraction)."""
+    n_splits = max(2, int(round(1.0 / fraction)))
+    groups = video_index[usable]
+    num_videos = len(np.unique(groups))
+    if num_videos < n_splits:
+        raise FeatureSetError(
+            f"{option} {fraction:g} needs at least {n_splits} finished videos, "
+            f"the store has {num_videos}; extract more videos or raise {option}"
+        )
+    _, first = np.unique(groups, return_index=True)
+    most = int(np.bincount(label[usable][first].astype(np.int64)).max())  # videos of the largest class
+    if np.bincount(label[usable].astype(np.int64)).max() < n_splits:  # scikit-learn counts clips
+        # scikit-learn would fail with "n_splits=5 cannot be greater than the number of members in each class"
+        if most >= 2:
+            fix = f"pass {option} {1 / most:.2f} or more (a split of 1 in {most} videos)"
+        else:
+            fix = "extract more videos of the classes with one video"
+        raise FeatureSetError(
+            f"{option} {fraction:g} holds out 1 in {n_splits} videos of each class, so the classes need at least "
+            f"{n_splits} finished videos; videos per class: {_class_counts(groups, label[usable], class_names)}. "
+            f"Give the store a split (`spool extract --split-file`), or {fix}"
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only 3 members": such a class may get no held-out
+        # video, which the split summary shows; a warning with a source line is noise here.
+        warnings.simplefilter("ignore", UserWarning)
+        kept, held = next(folds.split(usable, label[usable], groups))
+    return np.sort(usable[kept]).astype(np.int64), np.sort(usable[held]).astype(np.int64)
 
 
 def assign_splits(
@@ -75,6 +126,8 @@ def assign_splits(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    val_from_train: float = 0.0,
+    class_names: Sequence[str] | None = None,
 ) -> Splits:
     """Train / val / test clip indices from the per-clip columns of a store's ClipTable.
 
@@ -83,7 +136,9 @@ def assign_splits(
     store's split is used as is (clips without a code are left out). Otherwise videos are
     drawn into val with scikit-learn's StratifiedGroupKFold (groups = videos, so no video
     lands in two splits; stratified by class; seeded), taking one fold of
-    ``round(1 / val_fraction)`` as val.
+    ``round(1 / val_fraction)`` as val. ``val_from_train`` > 0 then draws ``select`` out of
+    train the same way. The train split must hold at least two classes; ``class_names``
+    (the store's) names them in messages.
     """
     split = np.asarray(split)
     video_index = np.asarray(video_index)
@@ -91,10 +146,20 @@ def assign_splits(
     done = np.asarray(done, dtype=bool)
     usable = np.flatnonzero(done & (label >= 0))
     if len(usable) == 0:
+        if done.any():
+            finished = len(np.unique(video_index[done]))
+            raise FeatureSetError(
+                f"all {finished} finished videos of the store are unlabeled (label -1): the source gave them no "
+                "class. A folder source needs one sub-folder per class (SRC/<class>/<video>); files directly in "
+                "SRC are unlabeled. Arrange the videos so, or use a list or split file with labels, then re-run "
+                "`spool extract ... --overwrite`"
+            )
         raise FeatureSetError(
             "the store has no finished (DONE) videos with a label; run `spool extract` first "
             "(videos stored with label -1 are unlabeled and cannot be trained on)"
         )
+    if not 0.0 <= val_from_train < 1.0:
+        raise FeatureSetError(f"--val-from-train must be in [0, 1), got {val_from_train}")
 
     if np.any(split[usable] != NO_SPLIT):
         parts = {
@@ -105,30 +170,36 @@ def assign_splits(
         if len(parts["val"]) == 0 and len(parts["test"]) == 0:
             raise FeatureSetError("the store's split codes give no val or test clips to evaluate on")
         eval_split = "val" if len(parts["val"]) else "test"
-        return Splits(parts["train"], parts["val"], parts["test"], eval_split, "store")
-
-    if not 0.0 < val_fraction < 1.0:
-        raise FeatureSetError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_splits = max(2, int(round(1.0 / val_fraction)))
-    groups = video_index[usable]
-    num_videos = len(np.unique(groups))
-    if num_videos < n_splits:
-        raise FeatureSetError(
-            f"a val split of {val_fraction:.0%} needs at least {n_splits} finished videos, "
-            f"the store has {num_videos}; extract more videos or raise val_fraction"
+        splits = Splits(parts["train"], parts["val"], parts["test"], eval_split, "store")
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise FeatureSetError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+        train, val = _draw_held_out(usable, video_index, label, val_fraction, seed, "--val-fraction", class_names)
+        empty = np.zeros(0, dtype=np.int64)
+        splits = Splits(train, val, empty, "val", "drawn", seed=seed, val_fraction=val_fraction)
+    _check_classes(splits.train, video_index, label, class_names, usable)
+    if val_from_train > 0:
+        # a different seed stream than the val draw, so the two draws are not the same fold pattern
+        train, select = _draw_held_out(
+            splits.train, video_index, label, val_from_train, seed + 7919, "--val-from-train", class_names
         )
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_pos, val_pos = next(folds.split(usable, label[usable], groups))
-    empty = np.zeros(0, dtype=np.int64)
-    return Splits(
-        np.sort(usable[train_pos]).astype(np.int64),
-        np.sort(usable[val_pos]).astype(np.int64),
-        empty,
-        "val",
-        "drawn",
-        seed=seed,
-        val_fraction=val_fraction,
-    )
+        _check_classes(train, video_index, label, class_names, usable)
+        splits = dataclasses.replace(splits, train=train, select=select, val_from_train=val_from_train)
+    return splits
+
+
+def _check_classes(train: np.ndarray, video_index, label, class_names, usable) -> None:
+    """A train split of one class trains to 100% on any eval split of that class: refuse it."""
+    classes = np.unique(label[train])
+    if len(classes) < 2:
+        held = _class_counts(video_index[usable], label[usable], class_names)
+        c = int(classes[0]) if len(classes) else -1
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else f"class {c}"
+        raise FeatureSetError(
+            f"the train split holds videos of one class only ({name}); a classifier needs at least 2. "
+            f"Finished, labeled videos per class in the store: {held}. Extract videos of more classes "
+            "(`spool extract`), or check the split file"
+        )
 
 
 # --- token pooling ----------------------------------------------------------------------

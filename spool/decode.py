@@ -19,12 +19,15 @@ because a decoder can hang or crash in native code, which no ``try`` can catch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -196,7 +199,9 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, transfor
         declared, n = count_frames(path)
         container = av.open(str(path))
     except av.FFmpegError as err:
-        raise DecodeError(f"not a video: {_one_line(err)}") from err
+        # FFmpeg's own words ("Invalid data found when processing input"), without PyAV's
+        # "[Errno 1094995529]" (an AVERROR tag read as a number) and the path the table already names
+        raise DecodeError(f"not a video: {_one_line(Exception(err.strerror or err))}") from err
     if n <= 0:
         container.close()
         raise DecodeError("zero frames")
@@ -226,6 +231,23 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, transfor
     if len(decoded) < len(wanted):
         raise DecodeError(f"truncated: decoded {count} of {n} frames")
     return DecodedVideo(_assemble(decoded, indices, transform.size), indices, n, fps, "pyav", is_short(n, frames, stride))
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null inside the block. FFmpeg and decord write their
+    complaints ("moov atom not found", decord's "ERROR opening: <path>") straight to the
+    descriptor, past Python; the reason is recorded in the store, so the chatter is noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def read_video(
@@ -279,6 +301,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, read_fn: Callable[
     # killed by it would otherwise be reported as "decoder crashed" and its video marked failed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(("ready", None, None))
+    # From here on every outcome reaches the parent through ``conn`` (a crash as the exit code),
+    # so the native decoders' stderr chatter is dropped for good (see native_stderr_silenced).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     while True:
         job = conn.recv()
         if job is None:
@@ -370,9 +397,11 @@ class DecodePool:
         if self.num_workers == 0:
             for key, path in jobs:
                 try:
-                    yield key, self.read_fn(path, **self.read_kwargs)
+                    with native_stderr_silenced():
+                        decoded = self.read_fn(path, **self.read_kwargs)
                 except DecodeError as err:
-                    yield key, err
+                    decoded = err
+                yield key, decoded
             return
         if not self._workers:
             raise RuntimeError("DecodePool.imap_unordered with workers must run inside `with DecodePool(...) as pool:`")

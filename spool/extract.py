@@ -22,14 +22,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from spool.backbone import FrameEncoder, WeightsIdentity, load_backbone, normalize_frames, timm_name
+from spool.backbone import (
+    FrameEncoder, WeightsIdentity, check_backbone_options, check_pretrained_available, load_backbone, normalize_frames,
+    timm_name,
+)  # fmt: skip
 from spool.decode import DecodedVideo, DecodeError, DecodePool, FrameTransform
 from spool.device import resolve_device
 from spool.ddp import Ranks, process_group
 from spool.distributed import Shard, TorchrunEnv, rank_device
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
-from spool.stores import StoreError, create_store, open_store
+from spool.stores import StoreError, backend_for, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES, StoreBusyError
 from spool.stores.shards import (
     ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards,
@@ -78,6 +81,10 @@ class ExtractConfig:
             if not ok:
                 raise ValueError(message)
         FrameTransform(self.image_size, self.crop_pct, self.interpolation)  # checks --crop-pct, --interpolation
+        try:  # --out feats.npy: refused here, not after the backbone is built
+            backend_for(self.out)
+        except StoreError as err:
+            raise ValueError(f"--out {err}") from None
         if self.overwrite and not self.shard.whole:
             # A late shard (or a torchrun restart) would wipe what the others wrote.
             raise ValueError(
@@ -110,6 +117,8 @@ class ExtractResult:
     frames: int = 0
     shards: ShardReport | None = None  # sharded runs: where all the shards stand after this one
     missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
+    unlabeled: int = 0  # videos without a class (label -1) where they are a mistake: train-head cannot use them
+    source_format: str = ""
     short: int = 0  # videos shorter than one clip: frames repeat (spool.sampling documents the rule)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
 
@@ -229,6 +238,7 @@ def run_extract(
     and the store is closed; the videos in flight stay PENDING, so re-running resumes.
     A failed store write (disk full) raises StoreError; the store stays resumable.
     """
+    check_extract_options(cfg)
     source = load_source(
         Path(cfg.source),
         split_files=[Path(p) for p in cfg.split_files],
@@ -244,7 +254,11 @@ def run_extract(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, token_pool=cfg.token_pool, seed=cfg.seed
     )
     encoder = encoder.to(device)
-    result = ExtractResult(store=str(cfg.out), missing=list(source.missing))
+    unlabeled = sum(e.label < 0 for e in source.entries)
+    if source.format != "folder" and unlabeled < len(source.entries):
+        unlabeled = 0  # a test split without labels (SSv2, Kinetics) is unlabeled by design
+    result = ExtractResult(store=str(cfg.out), missing=list(source.missing), source_format=source.format,
+                           unlabeled=unlabeled)  # fmt: skip
     if not cfg.shard.whole or torchrun is not None:
         _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun)
         return result
@@ -259,6 +273,15 @@ def run_extract(
     finally:
         store.close()
     return result
+
+
+def check_extract_options(cfg: ExtractConfig) -> None:
+    """What can be refused before decoding starts or weights load: a backbone that is not a ViT,
+    a --size or --token-pool that does not tile its patch grid, --weights pretrained on a machine
+    that has neither the weights cached nor the hub in reach."""
+    check_backbone_options(cfg.backbone, cfg.image_size, cfg.token_pool)
+    if cfg.weights == "pretrained":
+        check_pretrained_available(cfg.backbone)
 
 
 @contextlib.contextmanager

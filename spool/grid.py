@@ -66,6 +66,7 @@ KEYS: dict[str, Option] = {
     "backend": Option("backend", str, choices=("auto", "flex", "blocked", "dense")),
     # every run of a grid trains on one split (drawn once), so it cannot vary between cells
     "val-fraction": Option("val_fraction", float, minimum=0.0, exclusive_min=True, axis=False),
+    "val-from-train": Option("val_from_train", float, minimum=0.0, axis=False),
 }
 # TrainConfig field name -> grid key ("context_frames" -> "context", not "no-context")
 FIELD_KEYS = {opt.field: key for key, opt in KEYS.items() if not opt.invert}
@@ -74,7 +75,7 @@ TOP_KEYS = (
     "split-seed", "cache", "device", "workers", "launcher",
 )  # fmt: skip
 # TrainConfig fields that say where or how a run executes, not what it computes
-RUN_FIELDS = ("store", "out", "seed", "resume", "cache", "workers", "device", "head")
+RUN_FIELDS = ("store", "out", "seed", "resume", "overwrite", "cache", "workers", "device", "head")
 
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("slurm", "local")  # submitit's executors: Slurm, or processes on this machine (trying, tests)
@@ -486,6 +487,8 @@ def cell_hash(cfg: TrainConfig, fingerprint: str | None) -> str:
     """Hash of what a run computes: the head and every TrainConfig field but where and how
     it runs, plus the store's fingerprint. Changing base or the store gives new run folders."""
     what = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_FIELDS}
+    if what["val_from_train"] == 0.0:
+        del what["val_from_train"]  # added later: the runs of grids without it keep their folders
     what.update(head=cfg.head, store=fingerprint)
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

@@ -142,9 +142,23 @@ def _frame_labels(num_frames, context_frames):
     return ["C_s", *labels, "C_e"] if context_frames else labels
 
 
+def check_show_mask_options(num_frames, local_frame_range, num_heads, num_lookahead_heads):
+    """The checks train-head makes, for `spool show-mask`, in its option names."""
+    checks = [
+        (num_frames >= 1, f"--frames must be >= 1, got {num_frames}"),
+        (local_frame_range >= 0, f"--range must be >= 0, got {local_frame_range}"),
+        (num_heads >= 1, f"--heads must be >= 1, got {num_heads}"),
+        (0 <= num_lookahead_heads <= num_heads,
+         f"--lookahead {num_lookahead_heads} must be between 0 and --heads {num_heads} (the other heads look back)"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def mask_json(num_frames, local_frame_range, num_heads, num_lookahead_heads, context_frames=True):
     """{"lookback": rows, "lookahead": rows}, rows = query frames (0..T+1 with context), 0/1 ints."""
-    _check_split(num_heads, num_lookahead_heads)
+    check_show_mask_options(num_frames, local_frame_range, num_heads, num_lookahead_heads)
     return {
         name: frame_mask(num_frames, local_frame_range, lookahead, context_frames).int().tolist()
         for name, lookahead in (("lookback", False), ("lookahead", True))

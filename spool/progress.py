@@ -10,6 +10,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+# Off a terminal (Slurm and nohup logs, pipes) rich assumes 80 columns: tables lose the end of
+# their cells and long lines wrap. A log file has no width, so it gets a wide one.
+LOG_WIDTH = 400
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich Console for stdout (or stderr): the terminal's width on a terminal, LOG_WIDTH elsewhere."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else LOG_WIDTH)
+
+
 class RateProgress:
     """Counts items (videos) and frames; shows items/s, frames/s, failures and ETA.
 
@@ -27,7 +38,7 @@ class RateProgress:
         self._lock = threading.Lock()
         self._start = time.perf_counter()
         self._last_log = self._start
-        self._console = Console(stderr=True)
+        self._console = make_console(stderr=True)
         self._progress: Progress | None = None
         self._task = None
 

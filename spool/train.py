@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ from spool.device import resolve_device
 from spool.distributed import TorchrunEnv, rank_device
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
+from spool.progress import make_console
 
 
 class TrainError(RuntimeError):
@@ -91,17 +92,21 @@ class TrainConfig:
     seed: int = 0
     # data and machine
     val_fraction: float = 0.2
+    val_from_train: float = 0.0  # > 0: choose the best epoch on this fraction of train, held out
     cache: str = "auto"  # "auto" | "none" | "memory" | "gpu" (see FeatureSet)
     workers: int = 2
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     resume: bool = False
+    overwrite: bool = False  # replace a run in ``out`` made with other options
 
 
 # Options that change how a run executes but not what it computes; resume ignores them.
 # The number of processes (torchrun's world size) is not an option but belongs here too: it is
 # recorded in config.json and the checkpoints, and a run may resume with another one, since
 # the result is the same function of the options (except with dropout, see _run).
-RESUME_FREE_KEYS = ("resume", "cache", "workers", "device", "out", "store")
+RESUME_FREE_KEYS = ("resume", "overwrite", "cache", "workers", "device", "out", "store")
+# A key that an older Spool did not write into config.json or a checkpoint had its default then.
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 @dataclass
@@ -114,6 +119,7 @@ class EpochRecord:
     eval_topk: float  # top-k with k = min(5, num_classes)
     lr: float  # at the end of the epoch
     clips_per_s: float  # training throughput, loading included
+    select_top1: float | None = None  # video level, on the videos held out of train (--val-from-train)
 
 
 @dataclass
@@ -121,12 +127,31 @@ class TrainResult:
     out: Path
     history: list[EpochRecord]
     final: dict  # eval metrics of the last epoch: top1, top5, top_k, per-class, confusion
-    best: dict  # {"epoch", "top1"} of checkpoint_best.pt
+    best: dict  # {"epoch", "top1" (on the eval split), "chosen_on", "select_top1"} of checkpoint_best.pt
     config: dict  # what config.json holds
 
     @property
     def top1(self) -> float:
+        """The last epoch's top-1 on the eval split: the number to report."""
         return self.final["top1"]
+
+    def result_line(self) -> str:
+        """Final and best, said apart, with where the best epoch was chosen."""
+        split = self.config["splits"]["eval_split"]
+        epochs = len(self.history)
+        line = f"{self.out}: final {split} top-1 {100 * self.top1:.1f}% (epoch {epochs})"
+        if not self.best.get("epoch"):
+            return line
+        at = f"best epoch {self.best['epoch']}"
+        if self.best.get("chosen_on") == "val-from-train":
+            return (
+                f"{line}; {at}, chosen on the {self.config['splits']['val_from_train']:g} of train held out "
+                f"(top-1 {100 * self.best['select_top1']:.1f}% there): {split} top-1 {100 * self.best['top1']:.1f}%"
+            )
+        return (
+            f"{line}; {at}: {100 * self.best['top1']:.1f}%, chosen on the same {split} split, so optimistic "
+            "(--val-from-train chooses on videos held out of train)"
+        )
 
 
 # --- resolving the config ---------------------------------------------------------------
@@ -139,11 +164,12 @@ def resolve_lookahead(num_heads: int, lookahead: int | None, lookback: int | Non
         return num_heads // 2
     if lookahead is not None and lookback is not None and lookahead + lookback != num_heads:
         raise TrainError(
-            f"lookahead ({lookahead}) + lookback ({lookback}) must equal num_heads ({num_heads}); give one of them"
+            f"--lookahead {lookahead} + --lookback {lookback} must equal --heads {num_heads}; give one of them"
         )
     n = lookahead if lookahead is not None else num_heads - lookback
     if not 0 <= n <= num_heads:
-        raise TrainError(f"num_lookahead_heads must be in [0, num_heads={num_heads}], got {n}")
+        given = f"--lookahead {lookahead}" if lookahead is not None else f"--lookback {lookback}"
+        raise TrainError(f"{given} leaves {n} lookahead heads; it must be between 0 and --heads {num_heads}")
     return n
 
 
@@ -177,13 +203,36 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
 
 
 def _check(cfg: TrainConfig) -> None:
+    """The options, checked before the store is read, in train-head's option names."""
     if cfg.head not in HEAD_INPUTS:
-        raise TrainError(f"unknown head {cfg.head!r}; expected one of {sorted(HEAD_INPUTS)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise TrainError(f"lr must be > 0, got {cfg.lr}")
+        raise TrainError(f"unknown head {cfg.head!r} (--head); expected one of {sorted(HEAD_INPUTS)}")
+    at_least = {"epochs": 1, "batch_size": 1, "num_heads": 1, "depth": 1, "token_pool": 1, "local_frame_range": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise TrainError(f"{OPTION_NAMES[name]} must be >= {low}, got {getattr(cfg, name)}")
+    checks = [
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.dim is None or cfg.dim >= 1, f"--dim must be >= 1, got {cfg.dim}"),
+        (0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 turns clipping off), got {cfg.grad_clip}"),
+        (0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}"),
+        (0.0 <= cfg.val_from_train < 1.0, f"--val-from-train must be in [0, 1) (0: off), got {cfg.val_from_train}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainError(message)
+    if cfg.head == "spool":
+        resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback)
+
+
+# TrainConfig field -> train-head option, for messages
+OPTION_NAMES = {
+    "epochs": "--epochs", "batch_size": "--batch-size", "num_heads": "--heads", "depth": "--depth",
+    "token_pool": "--token-pool", "local_frame_range": "--range",
+}  # fmt: skip
 
 
 # --- optimisation -------------------------------------------------------------------------
@@ -289,8 +338,11 @@ def load_features(
     store = store if store is not None else _open_store(cfg.store)
     if splits is None:
         t = store.clips()
-        splits = assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    clips = np.concatenate([splits.train, splits.eval])
+        splits = assign_splits(
+            t.split, t.video_index, t.label, t.done, val_fraction=cfg.val_fraction, seed=cfg.seed,
+            val_from_train=cfg.val_from_train, class_names=store.class_names,
+        )  # fmt: skip
+    clips = np.concatenate([splits.train, splits.eval, splits.select])
     features = FeatureSet(
         store,
         clips,
@@ -321,7 +373,34 @@ def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Split
 
 def _diff_keys(saved: dict, wanted: dict) -> list[str]:
     keys = (set(saved) | set(wanted)) - set(RESUME_FREE_KEYS)
-    return sorted(k for k in keys if saved.get(k) != wanted.get(k))
+    return sorted(k for k in keys if saved.get(k, TRAIN_DEFAULTS.get(k)) != wanted.get(k))
+
+
+RUN_FILES = ("config.json", "metrics.json", "checkpoint_last.pt", "checkpoint_best.pt")
+
+
+def _run_folder_problem(cfg: TrainConfig, out: Path, fingerprint: str | None) -> str | None:
+    """Why training into ``out`` would silently replace an earlier run made with other options
+    or on another store (None: it would not). ``--resume`` is checked against its checkpoint."""
+    path = out / "config.json"
+    if cfg.overwrite or cfg.resume or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        saved_train, saved_store = saved["train"], saved["store"].get("fingerprint")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return f"{out} holds a config.json that is not a Spool run's; pass --overwrite to replace it, or another --out"
+    wanted = asdict(cfg)
+    diff = [f"{k} (saved {saved_train.get(k, TRAIN_DEFAULTS.get(k))!r}, asked {wanted.get(k)!r})"
+            for k in _diff_keys(saved_train, wanted)]  # fmt: skip
+    if saved_store != fingerprint:
+        diff.append(f"the store (saved fingerprint {saved_store}, {cfg.store} has {fingerprint})")
+    if not diff:
+        return None
+    return (
+        f"{out} holds a run trained with other options; differing: {', '.join(diff)}. Pass --overwrite to replace "
+        "it, choose another --out, or --resume with its options to continue it"
+    )
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -367,13 +446,24 @@ def train_head(
 
 def _train(cfg, features: FeatureSet | None, progress, on_epoch_end, ranks: Ranks, device) -> TrainResult:
     out = Path(cfg.out)
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
+
+    def check_out(fingerprint: str | None) -> None:
+        # rank 0 alone may see --out (several machines); every rank raises what it found
+        problem = ranks.broadcast(_run_folder_problem(cfg, out, fingerprint) if ranks.main else None)
+        if problem is not None:
+            raise TrainError(problem)
 
     owns_store = features is None
     if features is None:
-        features, splits = load_features(cfg, device=device, processes_per_host=ranks.per_host())
+        store = _open_store(cfg.store)
+        try:
+            check_out(store.attrs.get("fingerprint"))
+            features, splits = load_features(cfg, store, device=device, processes_per_host=ranks.per_host())
+        except BaseException:
+            store.close()
+            raise
     else:
+        check_out(features.fingerprint)
         splits = features.splits
         if splits is None:
             raise TrainError("the given FeatureSet carries no splits; build it with spool.train.load_features")
@@ -410,14 +500,14 @@ def _run(
     )
     config = _config_json(cfg, head_cfg, features, splits, device, ranks.world_size)
 
+    if len(splits.train) < 2:
+        raise TrainError(f"{cfg.store}: the train split holds {len(splits.train)} clip(s); training needs at least 2")
     torch.manual_seed(cfg.seed)  # weights and dropout; batch order comes from (seed, epoch)
     model = build_head(cfg.head, head_cfg, device=device)
     if ranks.world_size > 1:
         # Statistics of the global batch, as one process computes them; same state_dict keys.
         sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if len(splits.train) < 2:
-        raise TrainError(f"{cfg.store}: the train split holds {len(splits.train)} clip(s); training needs at least 2")
     # A last batch of one clip is dropped: the heads' BatchNorm cannot normalise a single sample.
     drop_last = len(splits.train) % cfg.batch_size == 1
     steps_per_epoch = len(splits.train) // cfg.batch_size if drop_last else math.ceil(len(splits.train) / cfg.batch_size)
@@ -425,7 +515,10 @@ def _run(
     warmup_steps = max(1, round(cfg.warmup * steps_per_epoch)) if cfg.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
 
-    start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0}
+    # The best epoch is chosen on the videos held out of train when there are some, else on the
+    # eval split itself (optimistic: the choice and the reported number see the same videos).
+    chosen_on = "val-from-train" if len(splits.select) else splits.eval_split
+    start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0, "chosen_on": chosen_on, "select_top1": None}
     last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
     # Rank 0 reads the checkpoint and hands it to the others: every rank resumes from the same
     # one, and the other machines of a multi-node run need not see rank 0's --out.
@@ -462,6 +555,12 @@ def _run(
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         history = [EpochRecord(**h) for h in ckpt["history"]]
     if ranks.main:
+        # Made only now, once every option and the store have been checked: an argument error
+        # leaves no empty run folder behind.
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
         _atomic_json(out / "config.json", config)
 
     train_model = model
@@ -470,10 +569,9 @@ def _run(
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     show_bar = progress and sys.stderr.isatty()
     if cfg.resume and ckpt is None and progress:
         console.print(f"resume: no {last_path.name} in {out}; training from the start")
@@ -536,6 +634,7 @@ def _run(
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
         final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
+        select = evaluate(model, inputs, features, splits.select, cfg.batch_size, device, ranks) if len(splits.select) else None
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=loss_sum / seen,
@@ -545,11 +644,16 @@ def _run(
             eval_topk=final["top_k"]["accuracy"],
             lr=scheduler.get_last_lr()[0],
             clips_per_s=seen / train_time,
+            select_top1=None if select is None else select["top1"],
         )
         history.append(record)
-        improved = final["top1"] > best["top1"]
+        if select is None:
+            improved = final["top1"] > best["top1"]
+        else:
+            improved = best.get("select_top1") is None or select["top1"] > best["select_top1"]
         if improved:
-            best = {"epoch": epoch + 1, "top1": final["top1"]}
+            best = {"epoch": epoch + 1, "top1": final["top1"], "chosen_on": chosen_on,
+                    "select_top1": None if select is None else select["top1"]}  # fmt: skip
         if ranks.main:
             payload = {**_payload(model, optimizer, scheduler, epoch, history, config, final, ranks), "best": best}
             if improved:
@@ -557,9 +661,11 @@ def _run(
             save_checkpoint(last_path, payload)
             _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
         if progress:
+            held = "" if select is None else f"  val-from-train top-1 {select['top1']:.3f}"
             console.print(
-                f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
-                f"{splits.eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s"
+                f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}{held}  "
+                f"{splits.eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s",
+                highlight=False,
             )
         if on_epoch_end is not None:
             on_epoch_end(record)
@@ -570,8 +676,6 @@ def _run(
         _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
         plot_curves([asdict(h) for h in history], out / "learning_curves.png")
         plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
-    if progress:
-        _print_table(console, history, final, splits.eval_split)
     # DDP keeps the ranks' weights equal bit for bit; say so if they are not. This meeting also
     # holds every rank until rank 0's outputs are complete.
     if ranks.world_size > 1 and len(set(ranks.gather(state_digest(model)))) > 1:
@@ -598,24 +702,3 @@ def _payload(model, optimizer, scheduler, epoch: int, history, config: dict, fin
         "store": config["store"],
         "eval": final,
     }
-
-
-def _print_table(console, history: list[EpochRecord], final: dict, eval_split: str) -> None:
-    from rich.table import Table
-
-    k = final["top_k"]["k"]
-    table = Table(title=f"train-head ({eval_split}, video level)")
-    for col in ("epoch", "train loss", "train acc", "top-1", f"top-{k}", "lr", "clips/s"):
-        table.add_column(col, justify="right")
-    for h in history:
-        table.add_row(
-            str(h.epoch),
-            f"{h.train_loss:.4f}",
-            f"{h.train_acc:.3f}",
-            f"{h.eval_top1:.3f}",
-            f"{h.eval_topk:.3f}",
-            f"{h.lr:.2e}",
-            f"{h.clips_per_s:.0f}",
-        )
-    console.print(table)
-    console.print(f"final {eval_split} top-1 {final['top1']:.3f}, top-{k} {final['top_k']['accuracy']:.3f}")

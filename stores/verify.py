@@ -28,6 +28,10 @@ import numpy as np
 
 from spool.stores import DONE, FAILED, PENDING, StoreError, backend_for, fingerprint, open_store
 
+# Damage that extracting the video again repairs: its clip slots and per-video fields are
+# rewritten whole. Damaged tables and attributes ("open", "fingerprint", "table") are not.
+REPAIRABLE = ("missing-chunk", "bad-chunk", "non-finite", "zero", "frame-indices", "video")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -55,6 +59,10 @@ class VerifyReport:
     @property
     def bad_videos(self) -> list[str]:
         return sorted({p.video_id for p in self.problems if p.video_id is not None})
+
+    @property
+    def unrepairable(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind not in REPAIRABLE or p.video_id is None]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "bad_videos": self.bad_videos}
@@ -171,3 +179,20 @@ def _check_done_videos(store, videos, clips, report: VerifyReport) -> None:
                     report.problems.append(Problem(
                         "zero", where, f"{name} of clip {clip} is all zeros (a lost or never-written chunk)", vid,
                     ))
+
+
+def repair(path: str | Path, report: VerifyReport) -> list[str]:
+    """Mark the videos ``report`` names with repairable damage PENDING, so that re-running the
+    same ``spool extract`` command extracts them again; the result equals an undamaged
+    extraction. Returns their ids. Status is the commit of a video (docs/store-format.md), so
+    this one column write is all it takes; ``report.unrepairable`` lists what it cannot fix."""
+    ids = sorted({p.video_id for p in report.problems if p.kind in REPAIRABLE and p.video_id is not None})
+    if not ids:
+        return []
+    with open_store(path, mode="a") as store:
+        videos = store.videos()
+        index = {str(v): i for i, v in enumerate(videos.video_id)}
+        status = videos.status.copy()
+        status[[index[v] for v in ids]] = PENDING
+        store._write_columns({"status": status})
+    return ids

@@ -39,7 +39,7 @@ from spool.stores._common import (
     fill_value,
     output_buffer,
 )
-from spool.stores.base import PENDING, StoreError
+from spool.stores.base import DONE, PENDING, StoreError
 
 LOCK_NAME = ".spool-writer.lock"
 # Populate the mapping in one go rather than page fault by page fault (Linux only).
@@ -203,7 +203,11 @@ class ZarrFeatureStore(SlotStore):
             try:
                 fd = os.open(chunk, os.O_RDONLY)
             except FileNotFoundError:
-                out[k] = 0  # zarr drops chunks equal to the fill value
+                # zarr drops chunks equal to the fill value, so a missing chunk reads as zeros;
+                # but backbone features are never all zero, so for a DONE video it is damage,
+                # and training on the zeros would be a silent wrong result.
+                self._check_missing_chunk(name, int(i), chunk)
+                out[k] = 0
                 continue
             try:
                 size = os.fstat(fd).st_size
@@ -214,6 +218,17 @@ class ZarrFeatureStore(SlotStore):
             finally:
                 os.close(fd)
         return out
+
+    def _check_missing_chunk(self, name: str, clip: int, chunk: Path) -> None:
+        video = clip // self.clips_per_video
+        if int(self._arrays["status"][video]) != DONE:
+            return  # a pending or failed video's clips are zeros by design
+        video_id = self._arrays["video_id"][video]
+        raise StoreError(
+            f"{chunk}: the {name} chunk of clip {clip} (video {video_id!r}) is missing, but the video is DONE: the "
+            f"store is damaged. `spool verify --repair {self.path}` marks the damaged videos pending; then re-run "
+            "the same `spool extract` command to extract them again"
+        )
 
     # --- writing -----------------------------------------------------------------------------
     def _writable(self) -> dict[str, zarr.Array]:

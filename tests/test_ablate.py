@@ -99,6 +99,7 @@ def test_rerun_skips_complete_runs(reference):
     assert read_csv(reference.out / "results.csv") == before
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_to_the_same_results(store, reference, tmp_path):
     grid_file = write_grid(tmp_path / "grid.yaml", store, tmp_path / "out")
     code = "import sys; from spool.ablate import load_grid, run_ablation; run_ablation(load_grid(sys.argv[1]), progress=False)"
@@ -144,6 +145,7 @@ def test_failing_run_is_recorded_and_the_others_go_on(store, tmp_path, monkeypat
     assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["ok"] * 4
 
 
+@pytest.mark.slow
 def test_parallel_jobs_and_token_pool_groups_match_one_process(store, tmp_path):
     changes = {"grid": {"token-pool": [1, 2], "range": [1]}, "seeds": [0], "baselines": ["attentive-probe"]}
     one = run_ablation(load_grid(write_grid(tmp_path / "a.yaml", store, tmp_path / "a", **changes)), progress=False)
@@ -181,12 +183,13 @@ def test_wrong_type_or_value_names_the_path_and_what_is_allowed(store, tmp_path)
     grid_error(tmp_path, store, r"grid\.backend\[0\]: 'fast' .* expected auto \| flex \| blocked \| dense", grid={"backend": ["fast"]})
     grid_error(tmp_path, store, r"grid\.depth\[0\]: True is not allowed", grid={"depth": [True]})
     grid_error(tmp_path, store, r"grid\.val-fraction: .*set it in base", grid={"val-fraction": [0.2, 0.3]})
+    grid_error(tmp_path, store, r"grid\.val-from-train: .*set it in base", grid={"val-from-train": [0.1, 0.2]})
     grid_error(tmp_path, store, r"seeds: expected a non-empty list of integers", seeds=["a"])
 
 
 def test_impossible_combination_is_caught_with_the_store_shapes(store, tmp_path):
     # lookahead 3 > heads 2, only in one cell of the product
-    grid_error(tmp_path, store, r"grid cell lookahead=3, range=1 with base heads=2.*num_lookahead_heads", grid={"lookahead": [0, 3], "range": [1]})
+    grid_error(tmp_path, store, r"grid cell lookahead=3, range=1 with base heads=2.*--lookahead 3 leaves 3 lookahead heads", grid={"lookahead": [0, 3], "range": [1]})
     # dim 8 is not divisible by 3 heads
     no_heads = {k: v for k, v in BASE.items() if k != "heads"}
     grid_error(tmp_path, store, r"grid cell heads=3 with base .*not divisible by num_heads=3", grid={"heads": [2, 3]}, base=no_heads)
@@ -259,3 +262,73 @@ def test_dry_run_lists_cells_and_trains_nothing(store, tmp_path, capsys):
 def test_example_grid_is_valid():
     grid = load_grid(Path(__file__).parent.parent / "examples" / "grid.yaml", store_override="x.zarr")
     assert len(expand(grid)) > 1
+
+
+def _no_overlap(fig) -> None:
+    """The legend sits beside the axes and no text on the axes overlaps another text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer)), "the legend covers the plot"
+    texts = [t.get_window_extent(renderer) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(texts) for b in texts[i + 1 :])
+
+
+def test_plots_have_seed_error_bars_baseline_and_chance_lines(reference):
+    import numpy as np
+    from matplotlib.container import ErrorbarContainer
+
+    from spool.ablate import LOG_SPAN, axis_figure, scatter_figure
+
+    chance = 0.5
+    fig = axis_figure(reference, "lookahead", chance)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # one line per range value
+    # the error bar of (lookahead=0, range=1) is the std over seeds of that cell's top-1
+    rows = [r for r in reference.rows if r["kind"] == "grid" and r["lookahead"] == 0 and r["range"] == 1]
+    lo, hi = bars[0].lines[2][0].get_segments()[0][:, 1]
+    assert hi - lo == pytest.approx(2 * 100 * np.std([r["top1"] for r in rows]))
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "mean-linear (baseline)" in labels and "chance (50.0%)" in labels
+    base = next(s for s in reference.summary if s["kind"] == "baseline")
+    hline = next(line for line in ax.get_lines() if line.get_label() == "mean-linear (baseline)")
+    assert hline.get_ydata()[0] == pytest.approx(100 * base["top1_mean"])
+    _no_overlap(fig)
+
+    fig = scatter_figure(reference, "clips_per_s", "train clips/s", chance)
+    ax = fig.axes[0]
+    assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == len(reference.summary)
+    assert not ax.texts  # cells are named in the legend, not next to their points
+    rates = [s["clips_per_s"] for s in reference.summary]
+    assert ax.get_xscale() == ("log" if max(rates) / min(rates) > LOG_SPAN else "linear")
+    _no_overlap(fig)
+
+
+def test_throughput_spanning_orders_of_magnitude_is_drawn_on_a_log_axis(reference):
+    import dataclasses
+
+    from spool.ablate import scatter_figure
+
+    summary = [dict(s) for s in reference.summary]
+    for s in summary:  # a baseline a thousand times faster than the heads
+        s["clips_per_s"] = 1e6 if s["kind"] == "baseline" else 1e3 + len(s["cell"])
+    fast = dataclasses.replace(reference, summary=summary)
+    assert scatter_figure(fast, "clips_per_s", "train clips/s").axes[0].get_xscale() == "log"
+    for s in summary:
+        s["clips_per_s"] = 1000.0 + len(s["cell"])
+    assert scatter_figure(fast, "clips_per_s", "train clips/s").axes[0].get_xscale() == "linear"
+
+
+def test_val_from_train_in_base_reaches_every_run_and_keeps_other_grids_folders(store, tmp_path):
+    from spool.ablate import plan_ablation
+
+    plain = load_grid(write_grid(tmp_path / "a.yaml", store, tmp_path / "a"))
+    held = load_grid(write_grid(tmp_path / "b.yaml", store, tmp_path / "b", base={**BASE, "val-from-train": 0.25}))
+    _, plain_runs = plan_ablation(plain)
+    _, held_runs = plan_ablation(held)
+    assert all(r.cfg.val_from_train == 0.25 for r in held_runs)
+    assert all(r.cfg.val_from_train == 0.0 for r in plain_runs)
+    # a different selection of the best epoch is a different run, in its own folder
+    assert {r.cell.id for r in plain_runs}.isdisjoint({r.cell.id for r in held_runs})

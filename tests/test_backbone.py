@@ -1,12 +1,16 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from spool.backbone import WeightsError, file_sha256, load_backbone, normalize_frames, timm_name
+from spool.backbone import (
+    WeightsError, check_backbone_options, check_pretrained_available, file_sha256, hub_reachable, load_backbone,
+    normalize_frames, timm_name,
+)  # fmt: skip
 
 
 def _official_style_checkpoint(path, seed: int = 1) -> torch.nn.Module:
@@ -91,3 +95,67 @@ def test_normalize_frames_matches_imagenet_statistics():
     assert x.shape == (3, 3, 8, 8)
     expected_red = (frames[..., 0].float() / 255 - 0.485) / 0.229
     torch.testing.assert_close(x[:, 0], expected_red)
+
+
+def test_a_non_vit_backbone_and_a_size_off_the_patch_grid_are_refused_before_any_weights_load():
+    with pytest.raises(ValueError, match="--backbone resnet50 is a timm model but not a Vision Transformer"):
+        check_backbone_options("resnet50", 224)
+    with pytest.raises(ValueError, match=r"--size 20 is not a multiple of .* patch size 14.*pass --size 14 or --size 28"):
+        check_backbone_options("dinov2_vits14", 20)
+    with pytest.raises(ValueError, match=r"--size 10 .*pass --size 14$"):
+        check_backbone_options("dinov2_vits14", 10)
+    with pytest.raises(ValueError, match="--token-pool 3 does not divide the 4x4 patch grid"):
+        check_backbone_options("dinov2_vits14", 56, token_pool=3)
+    assert check_backbone_options("dinov2_vitg14_reg", 28) == 2
+    assert check_backbone_options("vit_base_patch16_clip_224.openai", 224, token_pool=2) == 14
+
+
+def _fake_hub_cache(root: Path, repo: str, filename: str) -> None:
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    (folder / "snapshots" / "abc123").mkdir(parents=True)
+    (folder / "snapshots" / "abc123" / filename).write_bytes(b"weights")
+
+
+def test_pretrained_weights_fail_fast_when_neither_cache_nor_hub_has_them(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+    monkeypatch.setattr("spool.backbone.hub_reachable", lambda endpoint: asked.append(endpoint) or False)
+    with pytest.raises(WeightsError, match="holds no weights for dinov2_vits14 .* cannot be reached.*--weights PATH"):
+        check_pretrained_available("dinov2_vits14")
+    assert asked == [constants.ENDPOINT]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE is set"):
+        check_pretrained_available("dinov2_vits14")
+    # reachable hub, nothing cached: the download may start
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("spool.backbone.hub_reachable", lambda endpoint: True)
+    check_pretrained_available("dinov2_vits14")
+    # cached weights need no network, offline or not
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path / "hub", "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors")
+    check_pretrained_available("dinov2_vits14")
+    with pytest.raises(WeightsError):
+        check_pretrained_available("dinov2_vitb14")  # another model's weights are not in that cache
+
+
+def test_hub_reachable_opens_a_connection(monkeypatch):
+    import socket
+
+    monkeypatch.setattr("urllib.request.getproxies", dict)
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert hub_reachable(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert not hub_reachable(f"http://127.0.0.1:{port}", timeout_s=2)  # closed now
+
+
+def test_hub_reachable_leaves_the_answer_to_a_proxy(monkeypatch):
+    monkeypatch.setattr("urllib.request.getproxies", lambda: {"http": "http://proxy:3128"})
+    assert hub_reachable("http://127.0.0.1:9", timeout_s=1)  # port 9 is closed, but a proxy may reach the hub

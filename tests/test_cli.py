@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from spool.cli.app import app
@@ -16,8 +17,8 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     seen = {}
 
     class Result:
-        top1 = 0.5
-        best = {"epoch": 3}
+        def result_line(self):
+            return "the result line"
 
     def fake_train_head(cfg, *, progress, dist):
         seen["cfg"], seen["progress"], seen["dist"] = cfg, progress, dist
@@ -27,7 +28,8 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     args = ["train-head", str(tmp_path / "feats.zarr"), "--lookahead", "4", "--heads", "8", "--range", "3",
             "--depth", "2", "--dim", "128", "--no-context", "--token-pool", "2", "--epochs", "7", "--batch-size", "16",
             "--lr", "0.001", "--weight-decay", "0.1", "--label-smoothing", "0.1", "--dropout", "0.2", "--seed", "5",
-            "--backend", "dense", "--device", "cpu", "--resume", "--cache", "memory", "-q"]
+            "--backend", "dense", "--device", "cpu", "--resume", "--cache", "memory", "--val-from-train", "0.1",
+            "--overwrite", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
@@ -35,7 +37,9 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     assert (cfg.context_frames, cfg.token_pool, cfg.epochs, cfg.batch_size) == (False, 2, 7, 16)
     assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.dropout, cfg.seed) == (0.001, 0.1, 0.1, 0.2, 5)
     assert (cfg.backend, cfg.device, cfg.resume, cfg.cache, cfg.head) == ("dense", "cpu", True, "memory", "spool")
+    assert (cfg.val_from_train, cfg.overwrite) == (0.1, True)
     assert cfg.out == str(Path("runs") / "feats-spool")
+    assert result.output.strip() == "the result line"  # printed under -q too
     assert seen["progress"] is False and seen["dist"] is None  # not under torchrun
 
 
@@ -56,7 +60,19 @@ def test_show_mask_json_is_the_frame_rule():
     drawn = runner.invoke(app, ["show-mask", "--frames", "4", "--range", "1"])
     assert "lookback (3 heads)" in drawn.output and "C_e" in drawn.output
     bad = runner.invoke(app, ["show-mask", "--heads", "2", "--lookahead", "3"])
-    assert bad.exit_code == 2 and "num_lookahead_heads=3" in bad.output
+    assert bad.exit_code == 2 and "--lookahead 3 must be between 0 and --heads 2" in bad.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--range", "-1"], "--range must be >= 0, got -1"),
+    (["--frames", "0"], "--frames must be >= 1, got 0"),
+    (["--heads", "0"], "--heads must be >= 1, got 0"),
+])  # fmt: skip
+def test_show_mask_refuses_what_train_head_refuses(args, message):
+    for json_flag in ([], ["--json"]):
+        bad = runner.invoke(app, ["show-mask", *args, *json_flag])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert "#" not in bad.output  # no mask drawn
 
 
 def test_info_json_counts_done_and_failed_videos(tmp_path):
@@ -96,6 +112,20 @@ def test_ablate_dry_run_lists_cells_and_a_bad_grid_runs_nothing(monkeypatch, tmp
     assert result.exit_code == 0, result.output
     assert "6 cells x 2 seeds = 12 runs" in " ".join(result.output.split())
     assert not (out / "results.csv").exists()
+
+    # off a terminal (a Slurm log), long cell ids and overrides are printed whole, not cut to 80 columns
+    grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 1]\n  range: [1, 2]\n  depth: [1]\n"
+                    "  weight-decay: [0.05]\n  label-smoothing: [0.1]\n  dropout: [0.0]\n")
+    wide = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out), "--dry-run"])
+    assert wide.exit_code == 0, wide.output
+    from spool.ablate import plan_ablation
+    from spool.grid import load_grid
+
+    cells, _ = plan_ablation(load_grid(grid, store_override=path, out_override=out))
+    assert len(cells) == 4 and all(len(c.id) > 40 for c in cells)
+    for c in cells:
+        assert c.id in wide.output, wide.output
+    assert "…" not in wide.output
 
     grid.write_text("base: {epochs: 1, heads: 2}\ngrid:\n  lookahead: [0, 3]\n")
     bad = runner.invoke(app, ["ablate", str(grid), "--store", str(path), "--out", str(out)])

@@ -75,7 +75,7 @@ def test_store_split_is_used_when_present(tmp_path):
 
 def test_store_split_without_val_evaluates_on_test():
     split = np.array([0, 0, 0, 0, 2, 2], np.int8)
-    s = assign_splits(split, np.arange(6), np.zeros(6), np.ones(6, bool))
+    s = assign_splits(split, np.arange(6), np.arange(6) % 2, np.ones(6, bool))
     assert s.eval_split == "test" and len(s.val) == 0
     np.testing.assert_array_equal(s.eval, [4, 5])
 
@@ -110,6 +110,51 @@ def test_drawn_split_needs_enough_videos():
         assign_splits(np.full(3, -1), np.arange(3), np.zeros(3), np.zeros(3, bool))
     with pytest.raises(FeatureSetError, match="label -1"):
         assign_splits(np.full(3, -1), np.arange(3), np.full(3, -1), np.ones(3, bool))
+
+
+def test_a_train_split_of_one_class_is_refused_naming_the_classes():
+    video = np.arange(12)
+    split = np.full(12, NO_SPLIT, np.int8)
+    with pytest.raises(FeatureSetError, match=r"one class only \(walk\).*per class in the store: walk: 12"):
+        assign_splits(split, video, np.zeros(12), np.ones(12, bool), class_names=["walk"])
+    # the store's own split: train holds class 0 only, val holds class 1
+    codes = np.array([SPLIT_CODES["train"]] * 6 + [SPLIT_CODES["val"]] * 6, np.int8)
+    with pytest.raises(FeatureSetError, match=r"one class only \(run\).*run: 6, jump: 6"):
+        assign_splits(codes, video, (video >= 6).astype(int), np.ones(12, bool), class_names=["run", "jump"])
+    assign_splits(split, video, video % 2, np.ones(12, bool), val_fraction=0.5)  # two classes train
+
+
+def test_too_few_videos_per_class_says_what_to_pass_instead():
+    video = np.arange(7)
+    label = np.array([0, 0, 0, 0, 1, 1, 1])  # 4 and 3 videos: a 1-in-5 split needs 5 of some class
+    split = np.full(7, NO_SPLIT, np.int8)
+    with pytest.raises(FeatureSetError) as err:
+        assign_splits(split, video, label, np.ones(7, bool), val_fraction=0.2, class_names=["a", "b"])
+    message = str(err.value)
+    assert "at least 5 finished videos; videos per class: a: 4, b: 3" in message
+    assert "--split-file" in message and "--val-fraction 0.25 or more" in message
+    s = assign_splits(split, video, label, np.ones(7, bool), val_fraction=0.25, class_names=["a", "b"])
+    assert set(label[s.val]) == {0, 1}
+
+
+def test_all_unlabeled_says_the_source_had_no_classes():
+    with pytest.raises(FeatureSetError, match=r"all 3 finished videos .* unlabeled .*SRC/<class>/<video>"):
+        assign_splits(np.full(3, -1), np.arange(3), np.full(3, -1), np.ones(3, bool))
+
+
+def test_val_from_train_holds_out_train_videos_stratified():
+    num_videos, C = 40, 2
+    video = np.repeat(np.arange(num_videos), C)
+    label = video % 4
+    split = np.full(len(video), NO_SPLIT, np.int8)
+    plain = assign_splits(split, video, label, np.ones(len(video), bool), val_fraction=0.25, seed=1)
+    s = assign_splits(split, video, label, np.ones(len(video), bool), val_fraction=0.25, seed=1, val_from_train=0.2)
+    np.testing.assert_array_equal(s.val, plain.val)  # the reported split does not change
+    assert set(video[s.select]).isdisjoint(video[s.train]) and set(video[s.select]).isdisjoint(video[s.val])
+    assert set(video[s.select]) | set(video[s.train]) == set(video[plain.train])
+    assert np.bincount(label[s.select], minlength=4).min() >= C  # every class is in the selection split
+    assert s.summary()["val_from_train"] == 0.2 and s.summary()["select"] == len(s.select)
+    assert len(plain.select) == 0
 
 
 # --- token pooling ----------------------------------------------------------------------

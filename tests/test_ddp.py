@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import socket
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -62,5 +63,6 @@ def _bn_worker(rank: int, world: int, port: int) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_synced_batchnorm_equals_batchnorm_on_the_whole_batch():
     torch.multiprocessing.spawn(_bn_worker, args=(2, _free_port()), nprocs=2)

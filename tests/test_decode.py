@@ -277,3 +277,33 @@ def test_bad_crop_pct_and_interpolation_are_refused():
         FrameTransform(224, 1.5)
     with pytest.raises(ValueError, match="--interpolation"):
         FrameTransform(224, 0.875, "lanczos")
+
+
+@pytest.mark.slow
+def test_native_decoder_chatter_is_silenced_and_reasons_are_plain(tmp_path, tiny_mp4):
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    good = tiny_mp4(frames=8)
+    shutil.copy(good, src / "a" / "ok.mp4")
+    (src / "a" / "cut.mp4").write_bytes(good.read_bytes()[:300])  # index gone: "moov atom not found"
+    (src / "a" / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    for workers in ("1", "0"):
+        out = tmp_path / f"s{workers}.zarr"
+        run = subprocess.run(
+            [sys.executable, "-m", "spool", "extract", str(src), "--out", str(out), "--weights", "random",
+             "--size", "28", "--frames", "2", "--workers", workers],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "moov atom" not in run.stderr and "video_reader.cc" not in run.stderr, run.stderr
+        assert "ERROR opening" not in run.stderr and "Errno" not in run.stderr, run.stderr
+        assert "failed a/cut.mp4" in run.stderr  # the reason is still said, once
+        from spool.stores import open_store
+
+        with open_store(out) as store:
+            errors = [e for e in store.videos().error if e]
+        assert len(errors) == 2 and all("Invalid data found when processing input" in e for e in errors), errors

@@ -206,6 +206,7 @@ def _extract_cmd(source: Path, out: Path) -> list[str]:
             "--size", "28", "--frames", "4", "--workers", "1", "--batch-size", "6", "-q"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(small_toy, small_store, tmp_path):
     out = tmp_path / "killed.zarr"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -223,6 +224,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(small_toy
     _assert_same_content(small_store, out)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_store(small_toy, small_store, tmp_path):
     out = tmp_path / "busy.zarr"
     shutil.copytree(small_store, out)
@@ -249,3 +251,88 @@ def test_short_videos_repeat_frames_and_are_counted(tmp_path):
         assert v.num_frames[short] == 3
         assert sorted(set(c.frame_indices[short].tolist())) == [0, 1, 2]  # 4 indices over 3 frames: one repeats
         assert summarize(store)["short_videos"] == 1
+
+
+def test_bad_backbone_size_and_out_are_refused_before_the_backbone_loads(small_toy, tmp_path, monkeypatch):
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the options were checked")
+
+    monkeypatch.setattr("spool.extract.load_backbone", no_backbone)
+    runner = CliRunner()
+    base = ["extract", str(small_toy), "--weights", "random", "--frames", "2", "--workers", "0", "-q"]
+    cases = [
+        (["--out", str(tmp_path / "a.zarr"), "--backbone", "resnet50"], "not a Vision Transformer"),
+        (["--out", str(tmp_path / "a.zarr"), "--size", "20"], "--size 20 is not a multiple"),
+        (["--out", str(tmp_path / "feats.npy")], "--out"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "feats.npy").exists()
+
+
+def test_pretrained_weights_offline_fail_before_decoding(small_toy, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from spool.backbone import WeightsError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("spool.extract.load_source", lambda *a, **k: pytest.fail("videos were listed first"))
+    cfg = ExtractConfig(source=str(small_toy), out=str(tmp_path / "x.zarr"), weights="pretrained", image_size=28)
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE"):
+        run_extract(cfg, progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_videos_without_class_folders_are_warned_about_and_train_head_says_why(small_toy, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(small_toy.rglob("*.mp4"))[:6]:
+        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    out = tmp_path / "flat.zarr"
+    runner = CliRunner()
+    result = runner.invoke(app, ["extract", str(flat), "--out", str(out), "--weights", "random", "--size", "28",
+                                 "--frames", "2", "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"warning: 6 videos lie directly in {flat}, not in a class sub-folder" in text
+    assert text.count("warning: backbone dinov2_vits14: RANDOM weights") == 1  # once, one line, also under -q
+    assert "UserWarning" not in text and "extract.py" not in text
+    trained = runner.invoke(app, ["train-head", str(out), "--out", str(tmp_path / "run"), "-q"])
+    assert trained.exit_code == 2
+    assert "all 6 finished videos of the store are unlabeled" in " ".join(trained.output.split())
+    assert "run `spool extract` first" not in trained.output
+    labeled = runner.invoke(app, ["extract", str(small_toy), "--out", str(tmp_path / "ok.zarr"), "--weights", "random",
+                                  "--size", "28", "--frames", "2", "--workers", "0", "-q"])
+    assert "class sub-folder" not in labeled.output
+
+
+def test_a_missing_chunk_of_a_done_video_fails_loudly_and_verify_repair_restores_the_store(
+    small_toy, small_store, tmp_path
+):
+    from spool.stores.verify import verify
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(small_store, damaged)
+    lost = damaged / "patches" / "c" / "3" / "0" / "0" / "0"  # video 3's only clip
+    lost.unlink()
+    cut = damaged / "cls" / "c" / "7" / "0" / "0"
+    cut.write_bytes(cut.read_bytes()[:10])
+    with open_store(damaged) as store:
+        with pytest.raises(StoreError, match=r"patches chunk of clip 3 .* is missing, but the video is DONE.*--repair"):
+            store.read_patches([2, 3])
+    runner = CliRunner()
+    plain = runner.invoke(app, ["verify", str(damaged)])
+    assert plain.exit_code == 1 and "spool verify --repair" in plain.output
+    repaired = runner.invoke(app, ["verify", str(damaged), "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert "repaired: 2 videos marked pending" in repaired.output
+    with open_store(damaged) as store:
+        status = store.videos().status
+    assert status[3] != DONE and status[7] != DONE and (np.delete(status, [3, 7]) == DONE).all()
+    result = _extract(small_toy, damaged)  # the same options as small_store's
+    assert result.done == 2 and result.skipped == 10
+    assert verify(damaged).ok
+    _assert_same_content(small_store, damaged)

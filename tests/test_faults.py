@@ -186,6 +186,7 @@ def interrupted(long_toy, tmp_path_factory):
     return proc.returncode, stderr, out
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_store_and_marks_nothing_failed(interrupted, long_toy, tmp_path):
     returncode, stderr, out = interrupted
     assert returncode != 0
@@ -202,6 +203,7 @@ def test_ctrl_c_leaves_a_resumable_store_and_marks_nothing_failed(interrupted, l
     _assert_same_content(reference, out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130(interrupted):
     returncode, stderr, _ = interrupted
     assert returncode == 130, stderr
@@ -217,6 +219,7 @@ def _small_tmpfs(path: Path, size: str) -> bool:
     return ok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_disk_full_is_a_clear_error_and_the_store_resumes(toy, reference, tmp_path, suffix):
     mnt = tmp_path / "disk"
@@ -240,6 +243,7 @@ def test_disk_full_is_a_clear_error_and_the_store_resumes(toy, reference, tmp_pa
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clear_error_and_the_store_resumes(toy, reference, tmp_path):
     """The same fault without a mount: RLIMIT_FSIZE makes writes past 8 KiB fail (EFBIG),
     so every 12 KiB patches chunk fails while the store's metadata is written."""
@@ -271,6 +275,7 @@ TRAIN_ARGS = ["--depth", "1", "--heads", "2", "--dim", "8", "--range", "1", "--e
               "--dropout", "0.1", "-q"]
 
 
+@pytest.mark.slow
 def test_sigkill_of_train_head_then_resume_equals_an_uninterrupted_run(tmp_path):
     store = tmp_path / "feats.zarr"
     make_store(store, num_videos=10, num_classes=2, T=4, L=4, D=8, signal=2.0).close()

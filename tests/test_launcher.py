@@ -142,6 +142,7 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit it: 3 processes on 2 cores
 
 
+@pytest.mark.slow
 def test_jobs_give_the_local_launchers_results_and_resume(store, tmp_path, one_thread):
     local = run_ablation(load_grid(write_grid(tmp_path / "a.yaml", store, tmp_path / "a")), progress=False)
     grid = load_grid(write_grid(tmp_path / "b.yaml", store, tmp_path / "b", launcher=LOCAL))
@@ -173,6 +174,7 @@ def test_jobs_give_the_local_launchers_results_and_resume(store, tmp_path, one_t
     assert rows[0] == read_csv(tmp_path / "a" / "results.csv")[0]  # resumed from scratch: the same result
 
 
+@pytest.mark.slow
 def test_killed_invocation_reattaches_to_its_running_jobs(store, tmp_path, one_thread):
     """The laptop that waited for the jobs dies; the jobs go on; the same command, run again,
     collects them instead of submitting them again."""

@@ -199,6 +199,7 @@ def test_recreating_an_hdf5_store_drops_the_old_shard_records(tmp_path):
 # --- real extraction ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_job_array_shards_running_at_once_give_the_single_process_store(small_toy, small_store, tmp_path):
     out = tmp_path / "array.zarr"
     procs = [subprocess.Popen([*_extract_cmd(small_toy, out), "--shard", f"{i}/3"], env=ENV) for i in range(3)]
@@ -213,6 +214,7 @@ def test_job_array_shards_running_at_once_give_the_single_process_store(small_to
     assert CliRunner().invoke(app, ["merge-shards", str(out)]).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_missing_shard_is_named_and_running_it_later_completes_the_store(small_toy, small_store, tmp_path):
     out = tmp_path / "late.h5"
     loud = [a for a in _extract_cmd(small_toy, out) if a != "-q"]
@@ -227,6 +229,7 @@ def test_a_missing_shard_is_named_and_running_it_later_completes_the_store(small
     _assert_same_content(small_store, out)
 
 
+@pytest.mark.slow
 def test_a_killed_shard_resumes(small_toy, small_store, tmp_path):
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([*_extract_cmd(small_toy, out), "--shard", "1/2"], env=ENV)
@@ -259,6 +262,7 @@ def test_shard_option_errors(small_toy, small_store, tmp_path, monkeypatch):
     assert both.exit_code == 2 and "under torchrun leave --shard out" in _flat(both.output)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_store(small_toy, small_store, tmp_path):
     out = tmp_path / "torchrun.zarr"
     loud = [a for a in _extract_cmd(small_toy, out)[3:] if a != "-q"]
@@ -338,6 +342,7 @@ def test_a_finishing_shard_skips_the_merge_only_while_others_hold_the_store(tmp_
         _merge_if_alone(path)
 
 
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_gives_the_single_process_store(small_toy, small_store, tmp_path):
     # Two torchrun agents with a static rendezvous on this machine stand in for two nodes.
     out, port = tmp_path / "nodes.h5", str(_free_port())
@@ -375,3 +380,15 @@ def test_a_shard_redoing_a_failed_video_replaces_it_on_merge(tmp_path, suffix):
         np.testing.assert_array_equal(s.read_patches([4, 5]), patches)
         np.testing.assert_array_equal(s.clips().frame_indices[4:6], frame_indices)
         assert (v.num_frames[2], v.fps[2]) == (num_frames, fps)
+
+
+def test_merge_shards_on_a_store_without_shards_says_there_is_nothing_to_merge(tmp_path):
+    path = tmp_path / "plain.zarr"
+    _new_store(path).close()
+    result = CliRunner().invoke(app, ["merge-shards", str(path)])
+    said = _flat(result.output)
+    assert result.exit_code == 0, said
+    assert "nothing to merge; it holds no shard records" in said and "7 videos are pending" in said
+    assert "all 0 shards" not in said
+    as_json = json.loads(CliRunner().invoke(app, ["merge-shards", str(path), "--json"]).output)
+    assert as_json["nothing_to_merge"] is True and as_json["count"] == 0

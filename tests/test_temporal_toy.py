@@ -29,6 +29,8 @@ from spool.extract import ExtractConfig, run_extract
 from spool.toy import TOY_PAIRS, make_toy
 from spool.train import TrainConfig, load_features, train_head
 
+pytestmark = pytest.mark.slow  # extracts and trains the toy: about 30 s on two cores
+
 FRAMES = 8  # the toy's length and the extracted T: twins' features are exact reversals
 VIDEOS_PER_CLASS = 12
 VAL_NUMBERS = (0, 1)  # video numbers held out, for every class: 12 eval videos, 6 twin pairs

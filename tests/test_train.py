@@ -120,7 +120,7 @@ def test_outputs_are_written_and_well_formed(store_path, tmp_path, capsys):
     out = tmp_path / "run"
     result = train_head(config(store_path, out, lookahead=1, epochs=3), progress=True)
     printed = capsys.readouterr().err
-    assert "epoch 3:" in printed and "final val top-1" in printed  # per-epoch lines and the table
+    assert "epoch 3:" in printed and "train-head (" not in printed  # per-epoch lines, not also a table
     for name in ("config.json", "metrics.json", "checkpoint_best.pt", "checkpoint_last.pt", "learning_curves.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp"))
@@ -195,7 +195,7 @@ def test_schedule_and_lookahead_resolution():
     assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] < 0.05
     assert resolve_lookahead(6, 4, None) == 4 and resolve_lookahead(6, None, 4) == 2
     assert resolve_lookahead(6, None, None) == 3 and resolve_lookahead(2, None, None) == 1
-    with pytest.raises(TrainError, match="must equal num_heads"):
+    with pytest.raises(TrainError, match="must equal --heads 6"):
         resolve_lookahead(6, 4, 4)
 
 
@@ -207,3 +207,94 @@ def test_a_lone_last_clip_is_dropped_so_batchnorm_heads_train(store_path, tmp_pa
     r = train_head(config(store_path, tmp_path / "linear", head="mean-linear", batch_size=batch_size, epochs=2),
                    progress=False)
     assert len(r.history) == 2 and np.isfinite(r.history[-1].train_loss)
+
+
+def test_final_and_best_are_reported_apart(store_path, tmp_path):
+    result = train_head(config(store_path, tmp_path / "run", epochs=4, lr=3e-2), progress=False)
+    top1 = [h.eval_top1 for h in result.history]
+    best_epoch = int(np.argmax(top1)) + 1  # the first epoch with the highest val top-1
+    assert result.top1 == top1[-1]
+    assert result.best == {"epoch": best_epoch, "top1": top1[best_epoch - 1], "chosen_on": "val", "select_top1": None}
+    line = result.result_line()
+    assert f"final val top-1 {100 * top1[-1]:.1f}% (epoch 4)" in line
+    assert f"best epoch {best_epoch}: {100 * top1[best_epoch - 1]:.1f}%, chosen on the same val split, so optimistic" in line
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best"]["chosen_on"] == "val" and metrics["final"]["top1"] == top1[-1]
+
+
+def test_val_from_train_chooses_the_best_epoch_on_held_out_train_videos(tmp_path):
+    path = tmp_path / "s.zarr"
+    make_store(path, num_videos=24, num_classes=2, T=4, L=4, D=8, signal=0.5).close()
+    plain = train_head(config(str(path), tmp_path / "plain", epochs=1), progress=False)
+    result = train_head(config(str(path), tmp_path / "held", epochs=5, lr=3e-2, val_from_train=0.25), progress=False)
+    saved = json.loads((tmp_path / "held" / "config.json").read_text())
+    assert saved["train"]["val_from_train"] == 0.25
+    splits = saved["splits"]
+    assert splits["val_from_train"] == 0.25 and splits["select"] > 0
+    assert splits["val"] == plain.config["splits"]["val"]  # the reported split is the same videos
+    assert splits["train"] + splits["select"] == plain.config["splits"]["train"]
+    chosen = [h.select_top1 for h in result.history]
+    assert all(c is not None for c in chosen)
+    best_epoch = int(np.argmax(chosen)) + 1
+    assert result.best["epoch"] == best_epoch and result.best["chosen_on"] == "val-from-train"
+    assert result.best["top1"] == result.history[best_epoch - 1].eval_top1  # reported on val, chosen elsewhere
+    assert load_checkpoint(tmp_path / "held" / "checkpoint_best.pt")["epoch"] == best_epoch
+    assert "chosen on the 0.25 of train held out" in result.result_line()
+
+
+def test_a_run_folder_with_other_options_is_refused_unless_overwrite(store_path, tmp_path):
+    out = tmp_path / "run"
+    first = train_head(config(store_path, out), progress=False)
+    with pytest.raises(TrainError, match=r"other options; differing: epochs \(saved 2, asked 3\).*--overwrite"):
+        train_head(config(store_path, out, epochs=3), progress=False)
+    assert json.loads((out / "metrics.json").read_text())["final"] == first.final  # untouched
+    train_head(config(store_path, out), progress=False)  # the same options again: allowed
+    resumed = train_head(config(store_path, out, resume=True), progress=False)  # its checkpoint, finished
+    assert resumed.final == first.final
+    replaced = train_head(config(store_path, out, epochs=1, lr=1e-3, overwrite=True), progress=False)
+    assert len(replaced.history) == 1
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3
+    other = tmp_path / "other.zarr"
+    make_store(other, num_videos=10, num_classes=2, T=4, L=4, D=8, seed=5).close()
+    with pytest.raises(TrainError, match="the store"):
+        train_head(config(str(other), out, epochs=1, lr=1e-3), progress=False)
+
+
+def test_argument_errors_name_the_option_and_leave_no_run_folder(store_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from spool.cli.app import app
+
+    out = tmp_path / "run"
+    cases = [
+        (["--range", "-1"], "--range must be >= 0"),
+        (["--depth", "0"], "--depth must be >= 1"),
+        (["--heads", "2", "--lookahead", "3"], "--lookahead 3 leaves 3 lookahead heads; it must be between 0 and --heads 2"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--val-from-train", "1"], "--val-from-train must be in [0, 1)"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["train-head", store_path, "--out", str(out), "-q", *args])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()) and "HeadConfig" not in result.output, result.output
+        assert not out.exists()
+    one_class = tmp_path / "one.zarr"
+    make_store(one_class, num_videos=6, num_classes=1, T=4, L=4, D=8).close()
+    result = CliRunner().invoke(app, ["train-head", str(one_class), "--out", str(out), "-q"])
+    assert result.exit_code == 2 and "one class only (class0)" in result.output, result.output
+    assert not out.exists()
+
+
+def test_quiet_prints_only_the_result_line(store_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from spool.cli.app import app
+
+    args = ["train-head", store_path, "--out", str(tmp_path / "run"), "--depth", "1", "--heads", "2", "--dim", "8",
+            "--epochs", "2", "--batch-size", "4"]
+    quiet = CliRunner().invoke(app, [*args, "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    lines = quiet.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'run'}: final val top-1"), quiet.output
+    loud = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert "epoch 1:" in loud.output and "epoch 2:" in loud.output and "final val top-1" in loud.output

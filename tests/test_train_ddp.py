@@ -72,6 +72,7 @@ def assert_same_run(a: Path, b: Path):
         assert ea == eb
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_model_of_one_process(store, tmp_path):
     n, batch = num_train(store), 8
     assert n % 2 == 1 and n % batch == 5  # neither divides the train clips: the last batch splits 3 + 2
@@ -86,6 +87,7 @@ def test_torchrun_trains_the_model_of_one_process(store, tmp_path):
     assert type(model.framing.input_norm) is nn.BatchNorm1d
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_from_a_single_process_checkpoint(store, tmp_path):
     # mean-linear: BatchNorm over (B, D), so a last batch of 3 split 2 + 1 needs synced statistics
     n = num_train(store)
@@ -108,6 +110,7 @@ def test_resume_under_torchrun_from_a_single_process_checkpoint(store, tmp_path)
     assert load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_empty_shares_and_only_rank_0_writes(store, tmp_path):
     # 3 processes: the last batch of 2 clips leaves rank 2 an empty share, and the one val batch
     # leaves ranks 1 and 2 nothing to evaluate. Ranks 1 and 2 get their own --out: it stays empty.
@@ -181,6 +184,7 @@ def test_errors_name_the_option(store, tmp_path, monkeypatch):
         rank_device("auto", fourth)
 
 
+@pytest.mark.slow
 def test_resume_with_dropout_needs_the_same_number_of_processes(store, tmp_path):
     cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), depth=1, num_heads=2, dim=8, epochs=1,
                       batch_size=8, dropout=0.1, device="cpu", workers=1)  # fmt: skip
