@@ -88,15 +88,16 @@ def real_dinov2() -> Path:
     """The folder with a trained DINOv2 ViT-S/14 (official and Hugging Face layouts), built once per
     machine by ../shared/real-dinov2/build.sh (about a minute, needs the package registry).
 
-    ``SPOOL_REAL_DINOV2`` names a folder that already holds it. Without either the tests that
+    A folder that already holds it (``SPOOL_REAL_DINOV2``, or build.sh's default) is used as is. Without it the tests that
     need trained weights fail: random weights cannot stand in for them.
     """
     import os
     import subprocess
 
-    folder = os.environ.get("SPOOL_REAL_DINOV2")
-    if folder and (Path(folder) / "dinov2_vits14_real.safetensors").is_file():
-        return Path(folder)
+    # build.sh's own folder ($SPOOL_REAL_DINOV2, else /tmp/spool-real-dinov2) may hold it already
+    folder = Path(os.environ.get("SPOOL_REAL_DINOV2") or "/tmp/spool-real-dinov2")
+    if (folder / "dinov2_vits14_real.safetensors").is_file():
+        return folder
     if not REAL_DINOV2_BUILD.is_file():
         pytest.fail(f"trained DINOv2 weights needed: {REAL_DINOV2_BUILD} not found and SPOOL_REAL_DINOV2 not set")
     out = subprocess.run(["bash", str(REAL_DINOV2_BUILD)], capture_output=True, text=True, timeout=900)
