@@ -19,12 +19,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from spool.checkpoint import HEAD_INPUTS, load_head
+from spool.checkpoint import HEAD_INPUTS, load_checkpoint, load_head, save_checkpoint
 from spool.cli.app import app
 from spool.extract import ExtractConfig, run_extract
-from spool.predict import PredictConfig, PredictError, Predictor, resolve_weights, run_predict
+from spool.predict import PredictConfig, PredictError, Predictor, resolve_weights, run_predict, summarize
 from spool.stores import open_store
-from spool.toy import make_toy
+from spool.toy import TOY_CLASSES, make_toy
 from spool.train import TrainConfig, eval_video_logits, load_features, train_head
 from spool.weights import WeightsError
 
@@ -80,7 +80,7 @@ def run_evaluation(run: Path) -> dict[str, np.ndarray]:
 def test_predicting_the_files_gives_the_runs_own_evaluation(toy, head):
     run = toy["runs"][head]
     reference = run_evaluation(run)
-    records = toy["predictor"](head).predict(toy["videos"])
+    records = toy["predictor"](head).predict(toy["videos"], top_k=1)
     assert len(records) == 12 and all(r.status == "ok" for r in records)
     by_id = {r.video_id: r for r in records}
     for video_id, logits in reference.items():
@@ -90,8 +90,10 @@ def test_predicting_the_files_gives_the_runs_own_evaluation(toy, head):
         np.testing.assert_allclose(r.logits, logits, rtol=1e-4, atol=1e-4, err_msg=video_id)
         assert r.prediction == toy_class(video_id) if r.correct else r.prediction != toy_class(video_id)
     final = json.loads((run / "metrics.json").read_text())["final"]
-    top1 = np.mean([by_id[v].correct for v in reference])
-    assert top1 == pytest.approx(final["top1"]) and final["num_videos"] == len(reference)
+    summary = summarize([by_id[v] for v in reference], sorted(TOY_CLASSES))
+    assert summary["top1"] == pytest.approx(final["top1"]) and summary["labeled"] == final["num_videos"]
+    # top-5 from the logits, though only the top-1 class was listed per video
+    assert summary["top_k"] == {"k": 5, "accuracy": pytest.approx(final["top5"])}
 
 
 def toy_class(video_id: str) -> str:
@@ -223,6 +225,24 @@ def test_wrong_weights_for_a_run_are_refused_by_the_command(toy, tmp_path):
     result = runner.invoke(app, ["predict", str(toy["runs"]["spool"]), str(toy["videos"]), "--weights", str(other),
                                  "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 2 and "RANDOM backbone weights" in result.output and "Leave --weights out" in result.output
+
+
+@pytest.mark.slow
+def test_a_run_made_before_predict_reads_its_stores_attributes(toy, tmp_path):
+    run = tmp_path / "old-run"
+    shutil.copytree(toy["runs"]["spool"], run)
+    config = json.loads((run / "config.json").read_text())
+    del config["store"]["extraction"]
+    (run / "config.json").write_text(json.dumps(config))
+    payload = load_checkpoint(run / "checkpoint_last.pt")
+    del payload["store"]["extraction"]
+    save_checkpoint(run / "checkpoint_last.pt", payload)
+    predictor = Predictor.from_run(run, device="cpu")
+    assert predictor.extraction == toy["predictor"]("spool").extraction
+    config["store"]["path"] = str(tmp_path / "gone.zarr")
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PredictError, match="does not record how its features were extracted .*gone.zarr is not there"):
+        Predictor.from_run(run, device="cpu")
 
 
 @pytest.mark.slow
