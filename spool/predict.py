@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 from spool.backbone import FrameEncoder, WeightsIdentity, file_sha256, load_backbone
-from spool.checkpoint import HEAD_INPUTS, CheckpointError, load_head
+from spool.checkpoint import HEAD_INPUTS, load_head
 from spool.data import FeatureSet, pool_tokens
 from spool.decode import DecodeError
 from spool.device import resolve_device
 from spool.metrics import video_logits
 from spool.progress import RateProgress
 from spool.sources import VIDEO_EXTENSIONS, VideoEntry, VideoSource, load_source
-from spool.stores import DONE, FAILED, HDF5_SUFFIXES, ZARR_SUFFIXES, StoreError, open_store
+from spool.stores import FAILED, HDF5_SUFFIXES, ZARR_SUFFIXES, StoreError, open_store
 from spool.weights import WeightsError, weights_file_in
 
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -393,10 +393,12 @@ class Predictor:
                    for m in videos.missing]  # fmt: skip
         return records + missing
 
-    def predict_store(self, path: str | Path, *, top_k: int = 5) -> list[Prediction]:
+    def predict_store(self, path: str | Path, *, top_k: int = 5, file_for_hub: bool = False) -> list[Prediction]:
         """One Prediction per video of the store at ``path``, whose features must be of the kind
         the head was trained on (refused otherwise, naming what differs); its failed and pending
-        videos get failed records. Evaluated as train-head evaluates (spool.train.eval_video_logits)."""
+        videos get failed records. Evaluated as train-head evaluates (spool.train.eval_video_logits).
+        ``file_for_hub``: a weights file may stand in for the run's hub weights (``--weights PATH``
+        with ``--store``, warned about by ``resolve_weights``)."""
         from spool.train import _open_store, eval_video_logits
 
         try:
@@ -404,7 +406,7 @@ class Predictor:
         except Exception as err:
             raise PredictError(str(err)) from err
         try:
-            self.check_store(store)
+            self.check_store(store, file_for_hub=file_for_hub)
             table = store.videos()
             clips = store.clips()
             done = np.flatnonzero(clips.done)
@@ -427,7 +429,7 @@ class Predictor:
                 records.append(Prediction(str(video_id), None, "failed", why, label=label, random_weights=self.random_weights))
         return records
 
-    def check_store(self, store) -> None:
+    def check_store(self, store, *, file_for_hub: bool = False) -> None:
         """Refuse a store whose features are not of the kind the head was trained on."""
         ours = self.content
         theirs = dict(store.attrs.get("content") or {})
@@ -437,6 +439,8 @@ class Predictor:
         problems = [f"{k}: the run's store has {ours.get(k)!r}, {store.path} has {theirs.get(k)!r}"
                     for k in SCHEMA_CONTENT_KEYS if ours.get(k) != theirs.get(k)]  # fmt: skip
         ours_w, theirs_w = _identity(ours), _identity(theirs)
+        if file_for_hub and ours_w["source"] == "hub" and theirs_w["source"] == "file":
+            ours_w = theirs_w  # not checkable: said by resolve_weights
         problems += [f"weights.{k}: the run's store has {ours_w[k]!r}, {store.path} has {theirs_w[k]!r}"
                      for k in IDENTITY_KEYS if ours_w[k] != theirs_w[k]]  # fmt: skip
         shapes = {"T (frames per clip)": (self.extraction["num_frames"], store.num_frames),
@@ -589,7 +593,7 @@ def _predict_through_store(predictor: Predictor, cfg: PredictConfig, progress: b
         ) from None
     missing = [Prediction(m, None, "failed", "listed, but not on disk", random_weights=predictor.random_weights)
                for m in result.missing]  # fmt: skip
-    return predictor.predict_store(cfg.store, top_k=cfg.top_k) + missing
+    return predictor.predict_store(cfg.store, top_k=cfg.top_k, file_for_hub=warning is not None) + missing
 
 
 # --- output files ------------------------------------------------------------------------------
