@@ -255,8 +255,9 @@ def encode_videos(
     decode_timeout: float,
 ) -> Iterator[tuple[Hashable, EncodedVideo | DecodeError]]:
     """Decode each ``(key, path)`` job with ``read_video(path, **read_kwargs)`` in ``workers``
-    processes and run the backbone on fixed-size batches of ``batch_size`` frames; yield ``(key, EncodedVideo)`` as each
-    video's last frame leaves the backbone, or ``(key, DecodeError)``, in completion order.
+    processes and run the backbone on fixed-size batches of ``batch_size`` frames; yield
+    ``(key, EncodedVideo)`` as each video's last frame leaves the backbone, or
+    ``(key, DecodeError)``, in completion order.
 
     ``spool extract`` writes what this yields into a store; ``spool predict`` hands it to a
     head in memory, so both compute the same features from the same files. Close the

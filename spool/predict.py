@@ -153,7 +153,8 @@ def run_extraction(run_dir: Path, config: dict) -> dict:
     with open_store(path, mode="r") as store:
         if store.attrs.get("fingerprint") != store_info.get("fingerprint"):
             raise PredictError(
-                f"{path} is no longer the store {run_dir} was trained on (fingerprint {store.attrs.get('fingerprint')}, "
+                f"{path} is no longer the store {run_dir} was trained on (fingerprint "
+                f"{store.attrs.get('fingerprint')}, "
                 f"the run's {store_info.get('fingerprint')}), and the run does not record how its features were "
                 "extracted. Train the head again on the store as it is now"
             )
@@ -317,8 +318,10 @@ class Predictor:
 
     def read_kwargs(self) -> dict[str, Any]:
         c = self.content
-        return dict(frames=c["frames"], clips=c["clips"], stride=c["stride"], size=c["image_size"],
-                    crop_pct=c["crop_pct"], interpolation=c["interpolation"], decoder=c.get("decoder", "decord"))  # fmt: skip
+        return dict(
+            frames=c["frames"], clips=c["clips"], stride=c["stride"], size=c["image_size"], crop_pct=c["crop_pct"],
+            interpolation=c["interpolation"], decoder=c.get("decoder", "decord"),
+        )  # fmt: skip
 
     def load_backbone(self) -> FrameEncoder:
         """The run's backbone, weights checked against its record (once; kept for later calls)."""
@@ -331,8 +334,10 @@ class Predictor:
         with warnings.catch_warnings():
             # said once, in every output, as random_weights: not as a Python warning per call
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-            encoder, identity = load_backbone(c["backbone"], weights=weights, image_size=c["image_size"],
-                                              token_pool=c["token_pool"], seed=self.recorded_weights.get("seed") or 0)  # fmt: skip
+            encoder, identity = load_backbone(
+                c["backbone"], weights=weights, image_size=c["image_size"], token_pool=c["token_pool"],
+                seed=self.recorded_weights.get("seed") or 0,
+            )  # fmt: skip
         self._check_identity(identity)
         self._encoder = encoder.to(self.device)
         return self._encoder
@@ -426,7 +431,8 @@ class Predictor:
                 records.append(self._record(str(video_id), None, by_video[v], label, int(per_video[v]), top_k))
             else:
                 why = str(table.error[v]) if table.status[v] == FAILED else "not extracted (pending in the store)"
-                records.append(Prediction(str(video_id), None, "failed", why, label=label, random_weights=self.random_weights))
+                records.append(Prediction(str(video_id), None, "failed", why, label=label,
+                                          random_weights=self.random_weights))  # fmt: skip
         return records
 
     def check_store(self, store, *, file_for_hub: bool = False) -> None:
@@ -567,7 +573,8 @@ def _predict_through_store(predictor: Predictor, cfg: PredictConfig, progress: b
 
     source = Path(cfg.source)
     if source.is_file() and source.suffix.lower() in VIDEO_EXTENSIONS:
-        raise ValueError(f"--store keeps the features of a folder or list file; {source} is one video: leave --store out")
+        raise ValueError(f"--store keeps the features of a folder or list file; {source} is one video: "
+                         "leave --store out")  # fmt: skip
     c = predictor.content
     weights, warning = resolve_weights(predictor.recorded_weights, cfg.weights)
     if warning:
