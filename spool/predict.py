@@ -346,6 +346,12 @@ class Predictor:
         recorded, got = _identity(self.content), _identity({"weights": dataclasses.asdict(identity)})
         if recorded["source"] == "hub" and got["source"] == "file":
             return  # an unverifiable file in place of hub weights: warned about in resolve_weights
+        if recorded["pos_embed"] is None and (got["pos_embed"] or {}).get("rule") == "dinov2":
+            self.warnings.append(
+                "the run's store records no position-table rule: it was extracted before Spool resized DINOv2's "
+                "table by the official rule, which moves patch tokens by up to 0.02 in cosine; these predictions may "
+                "differ slightly from the run's evaluation. Re-extract and retrain for exact agreement"
+            )
         differing = [k for k in IDENTITY_KEYS if recorded[k] is not None and recorded[k] != got[k]]
         if differing:
             diffs = "; ".join(f"{k}: the run's store has {recorded[k]!r}, this backbone {got[k]!r}" for k in differing)
