@@ -409,6 +409,108 @@ def train_head(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A `spool train-head` run folder (config.json, checkpoints).")],
+    source: Annotated[
+        Path, typer.Argument(help="Videos as `spool extract` reads them (folder, list file, dataset root), one video "
+                                  "file, or a .zarr/.h5 store extracted as the run's was.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="predictions.csv or predictions.json; default: a table here.")
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option(help="last (the model metrics.json reports as final), best, or a checkpoint path.")
+    ] = "last",
+    weights: Annotated[
+        Optional[str],
+        typer.Option(help="Backbone weights file or folder in place of the run's record (its sha256 must match), "
+                          "or 'pretrained'. Default: found from the run's record."),
+    ] = None,
+    store: Annotated[
+        Optional[Path], typer.Option(help="Keep the features: extract the videos into this store (resumable), then predict.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="auto|folder|list|ucf101|hmdb51|kinetics|ssv2.")] = "auto",
+    split_file: Annotated[
+        Optional[list[Path]], typer.Option("--split-file", help="Official split file(s); repeat the option.")
+    ] = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="SSv2 labels JSON or class names.")] = None,
+    top_k: Annotated[int, typer.Option(help="Classes listed per video, most likely first.")] = 5,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Frames per backbone call; default: the run's extraction's.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: decode inline).")] = 4,
+    decode_timeout: Annotated[float, typer.Option(help="Seconds before a video's decoder is killed.")] = 120.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Run a trained head on videos: decode, sample and run the backbone exactly as the run's store
+    was extracted (from the run's record), in memory, then the head, averaging clip logits over views.
+
+    Exit 0 when at least one video was predicted, 1 when none was (each failed video gets a row
+    with its reason), 2 when the run, the source or an option cannot be used."""
+    from spool.backbone import WeightsError
+    from spool.checkpoint import CheckpointError
+    from spool.data import FeatureSetError
+    from spool.predict import PredictConfig, PredictError, run_predict
+    from spool.stores import StoreError
+    from spool.train import TrainError
+
+    try:
+        cfg = PredictConfig(
+            run=str(run_dir), source=str(source), out=str(out) if out else None, checkpoint=checkpoint, weights=weights,
+            store=str(store) if store else None, format=format, split_files=tuple(str(p) for p in split_file or ()),
+            labels_file=str(labels_file) if labels_file else None, top_k=top_k, batch_size=batch_size, workers=workers,
+            decode_timeout=decode_timeout, device=device,
+        )  # fmt: skip
+        result = run_predict(cfg, progress=not quiet, command=_command_line())
+    except (ValueError, FileNotFoundError, StoreError, WeightsError, CheckpointError, PredictError, FeatureSetError,
+            TrainError) as err:  # fmt: skip
+        _fail(err)
+    except KeyboardInterrupt:
+        where = f"; {store} keeps every finished video, re-run the same command to resume" if store else ""
+        console.print(f"[bold red]interrupted[/]{where}")
+        raise typer.Exit(130)
+    for message in result.run.get("warnings", []):
+        warn(message)
+    if result.run["random_weights"]:  # said under -q too, as in every output file
+        from spool.predict import RANDOM_WARNING
+
+        warn(RANDOM_WARNING)
+    if out is None:
+        _print_predictions(result, make_console())
+    if not quiet or out is None:
+        summary = result.summary
+        line = f"{summary['predicted']} of {summary['videos']} videos predicted, {summary['failed']} failed"
+        if "top1" in summary:
+            k = summary["top_k"]
+            line += (f"; on the {summary['labeled']} with a label: top-1 {100 * summary['top1']:.1f}%, "
+                     f"top-{k['k']} {100 * k['accuracy']:.1f}%")  # fmt: skip
+        console.print(line + (f"; written to {out}" if out else ""), highlight=False, soft_wrap=True)
+        failed = [p for p in result.predictions if p.status != "ok"]
+        for p in failed[:10]:
+            console.print(f"  [red]failed[/] {p.video_id}: {p.error}", highlight=False, soft_wrap=True)
+        if len(failed) > 10:
+            console.print(f"  ... {len(failed) - 10} more" + (f" (see {out})" if out else ""))
+    if result.predicted == 0:
+        console.print("[bold red]error:[/] no video was predicted")
+        raise typer.Exit(1)
+
+
+def _print_predictions(result, out) -> None:
+    from rich.table import Table
+
+    table = Table("video", "prediction", "probability", "label", "top-k")
+    for p in result.predictions:
+        if p.status != "ok":
+            table.add_row(p.video_id, "[red]failed[/]", "", p.label or "", p.error)
+            continue
+        mark = "" if p.correct is None else (" [green]ok[/]" if p.correct else " [red]wrong[/]")
+        table.add_row(p.video_id, p.prediction, f"{p.probability:.3f}", (p.label or "") + mark,
+                      ", ".join(f"{c} {q:.2f}" for c, q in p.top_k[1:]))  # fmt: skip
+    out.print(table)
+
+
+@app.command()
 def ablate(
     grid_file: Annotated[
         Path, typer.Argument(help="Grid YAML: store, out, base, grid, exclude, configs, seeds, baselines (docs/ablate.md).")

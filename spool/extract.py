@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -207,16 +207,109 @@ def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncode
     )
 
 
+@dataclass(frozen=True)
+class EncodedVideo:
+    """One video through the backbone: its decoded clips and their features, float16 as stored."""
+
+    decoded: DecodedVideo
+    patches: np.ndarray  # (clips, T, L, D) float16
+    cls: np.ndarray  # (clips, T, D) float16
+
+
 class _VideoAssembly:
     """Per-video output buffers, filled batch by batch; complete when every frame has its features."""
 
-    def __init__(self, video_index: int, decoded: DecodedVideo, num_tokens: int, dim: int):
+    def __init__(self, key: Hashable, decoded: DecodedVideo, num_tokens: int, dim: int):
         clips, frames = decoded.frame_indices.shape
-        self.video_index = video_index
+        self.key = key
         self.decoded = decoded
         self.patches = np.empty((clips * frames, num_tokens, dim), dtype=np.float16)
         self.cls = np.empty((clips * frames, dim), dtype=np.float16)
         self.remaining = clips * frames
+
+    def finished(self) -> EncodedVideo:
+        clips, frames = self.decoded.frame_indices.shape
+        return EncodedVideo(
+            self.decoded,
+            self.patches.reshape(clips, frames, *self.patches.shape[1:]),
+            self.cls.reshape(clips, frames, -1),
+        )
+
+
+def read_kwargs_of(cfg: ExtractConfig) -> dict[str, Any]:
+    """What ``read_video`` needs from an extraction's options: how frames are sampled and cropped."""
+    return dict(
+        frames=cfg.frames, clips=cfg.clips, stride=cfg.stride, size=cfg.image_size,
+        crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, decoder=cfg.decoder,
+    )  # fmt: skip
+
+
+def encode_videos(
+    jobs: Iterable[tuple[Hashable, Path]],
+    encoder: FrameEncoder,
+    device: torch.device,
+    *,
+    read_kwargs: dict[str, Any],
+    batch_size: int,
+    workers: int,
+    decode_timeout: float,
+) -> Iterator[tuple[Hashable, EncodedVideo | DecodeError]]:
+    """Decode each ``(key, path)`` job with ``read_video(path, **read_kwargs)`` in ``workers``
+    processes and run the backbone on fixed-size batches of ``batch_size`` frames; yield
+    ``(key, EncodedVideo)`` as each video's last frame leaves the backbone, or
+    ``(key, DecodeError)``, in completion order.
+
+    ``spool extract`` writes what this yields into a store; ``spool predict`` hands it to a
+    head in memory, so both compute the same features from the same files. Close the
+    generator (``contextlib.closing``) to stop the decoding processes early.
+    """
+    autocast = device.type == "cuda"
+    size = read_kwargs["size"]
+    batch = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+    spans: list[tuple[_VideoAssembly, int, int, int]] = []  # (assembly, first frame, first row, count)
+    filled = 0
+
+    def run_batch() -> list[_VideoAssembly]:
+        nonlocal filled, spans
+        frames = torch.from_numpy(batch)
+        if device.type == "cuda":
+            frames = frames.pin_memory().to(device, non_blocking=True)
+        x = normalize_frames(frames)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            cls, patches = encoder(x)
+        cls = cls.to(torch.float16).cpu().numpy()
+        patches = patches.to(torch.float16).cpu().numpy()
+        complete = []
+        for assembly, first, row, count in spans:
+            assembly.patches[first : first + count] = patches[row : row + count]
+            assembly.cls[first : first + count] = cls[row : row + count]
+            assembly.remaining -= count
+            if assembly.remaining == 0:
+                complete.append(assembly)
+        batch[:] = 0  # padding rows stay zero, so every batch is the same function of its frames
+        spans, filled = [], 0
+        return complete
+
+    with DecodePool(workers, decode_timeout, **read_kwargs) as pool:
+        for key, decoded in pool.imap_unordered(jobs):
+            if isinstance(decoded, DecodeError):
+                yield key, decoded
+                continue
+            assembly = _VideoAssembly(key, decoded, encoder.num_tokens, encoder.dim)
+            video_frames = decoded.frames.reshape(-1, *decoded.frames.shape[2:])
+            first = 0
+            while first < len(video_frames):
+                count = min(batch_size - filled, len(video_frames) - first)
+                batch[filled : filled + count] = video_frames[first : first + count]
+                spans.append((assembly, first, filled, count))
+                filled += count
+                first += count
+                if filled == batch_size:
+                    for done in run_batch():
+                        yield done.key, done.finished()
+        if filled:
+            for done in run_batch():
+                yield done.key, done.finished()
 
 
 def run_extract(
@@ -372,17 +465,10 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
             try:
                 kind, video_index, payload = item
                 if kind == "done":
-                    assembly: _VideoAssembly = payload
-                    d = assembly.decoded
+                    encoded: EncodedVideo = payload
+                    d = encoded.decoded
                     clips, frames = d.frame_indices.shape
-                    store.write_video(
-                        video_index,
-                        assembly.patches.reshape(clips, frames, *assembly.patches.shape[1:]),
-                        assembly.cls.reshape(clips, frames, -1),
-                        d.frame_indices,
-                        d.num_frames,
-                        d.fps,
-                    )
+                    store.write_video(video_index, encoded.patches, encoded.cls, d.frame_indices, d.num_frames, d.fps)
                     result.done += 1
                     result.short += int(d.short)
                     result.frames += clips * frames
@@ -408,55 +494,19 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     thread.start()
     start = time.perf_counter()
     jobs = ((v, entries[v].path) for v in pending)
-    read_kwargs = dict(
-        frames=cfg.frames, clips=cfg.clips, stride=cfg.stride, size=cfg.image_size,
-        crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, decoder=cfg.decoder
-    )
-    autocast = device.type == "cuda"
-    batch = np.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-    spans: list[tuple[_VideoAssembly, int, int, int]] = []  # (assembly, first frame, first row, count)
-    filled = 0
-
-    def run_batch() -> None:
-        nonlocal filled, spans
-        frames = torch.from_numpy(batch)
-        if device.type == "cuda":
-            frames = frames.pin_memory().to(device, non_blocking=True)
-        x = normalize_frames(frames)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            cls, patches = encoder(x)
-        cls = cls.to(torch.float16).cpu().numpy()
-        patches = patches.to(torch.float16).cpu().numpy()
-        for assembly, first, row, count in spans:
-            assembly.patches[first : first + count] = patches[row : row + count]
-            assembly.cls[first : first + count] = cls[row : row + count]
-            assembly.remaining -= count
-            if assembly.remaining == 0:
-                writes.put(("done", assembly.video_index, assembly))
-        batch[:] = 0  # padding rows stay zero, so every batch is the same function of its frames
-        spans, filled = [], 0
-
     try:
-        with bar, DecodePool(cfg.workers, cfg.decode_timeout, **read_kwargs) as pool:
-            for video_index, decoded in pool.imap_unordered(jobs):
+        encoded_videos = encode_videos(
+            jobs, encoder, device, read_kwargs=read_kwargs_of(cfg), batch_size=cfg.batch_size, workers=cfg.workers,
+            decode_timeout=cfg.decode_timeout,
+        )  # fmt: skip
+        with bar, contextlib.closing(encoded_videos):
+            for video_index, encoded in encoded_videos:
                 if write_error:
                     raise write_error[0]
-                if isinstance(decoded, DecodeError):
-                    writes.put(("failed", video_index, str(decoded)))
-                    continue
-                assembly = _VideoAssembly(video_index, decoded, encoder.num_tokens, encoder.dim)
-                video_frames = decoded.frames.reshape(-1, *decoded.frames.shape[2:])
-                first = 0
-                while first < len(video_frames):
-                    count = min(cfg.batch_size - filled, len(video_frames) - first)
-                    batch[filled : filled + count] = video_frames[first : first + count]
-                    spans.append((assembly, first, filled, count))
-                    filled += count
-                    first += count
-                    if filled == cfg.batch_size:
-                        run_batch()
-            if filled:
-                run_batch()
+                if isinstance(encoded, DecodeError):
+                    writes.put(("failed", video_index, str(encoded)))
+                else:
+                    writes.put(("done", video_index, encoded))
     finally:
         writes.put(None)
         thread.join()

@@ -285,6 +285,17 @@ def evaluate(
     """Video-level metrics of ``model`` on ``clips``. With several ranks each evaluates a
     contiguous run of the batches one process would make, and the clip logits are gathered in
     order: every rank gets the metrics of one process."""
+    _, vlogits, vlabels = eval_video_logits(model, inputs, features, clips, batch_size, device, ranks)
+    return classification_metrics(vlogits, vlabels, features.num_classes)
+
+
+@torch.no_grad()
+def eval_video_logits(
+    model, inputs, features: FeatureSet, clips: np.ndarray, batch_size: int, device, ranks: Ranks = Ranks()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(video indices (V,), video logits (V, C) float64, labels (V,)) of ``model`` on ``clips``:
+    each video's clip logits averaged over its views (spool.metrics.video_logits). What
+    ``evaluate`` scores, and what ``spool predict`` reports for a store."""
     model.eval()
     num_batches = math.ceil(len(clips) / batch_size)
     mine = share(num_batches, ranks.shard)
@@ -298,8 +309,7 @@ def evaluate(
         videos.append(batch["video"].numpy())
     parts = ranks.gather((np.concatenate(logits), np.concatenate(labels), np.concatenate(videos)))
     logits, labels, videos = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    _, vlogits, vlabels = video_logits(logits, videos, labels)
-    return classification_metrics(vlogits, vlabels, features.num_classes)
+    return video_logits(logits, videos, labels)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -362,12 +372,30 @@ def _config_json(cfg: TrainConfig, head_cfg, features: FeatureSet, splits: Split
         "train": asdict(cfg),
         "head": cfg.head,
         "head_config": asdict(head_cfg),
-        "store": {"path": features.store_path, "fingerprint": features.fingerprint},
+        "store": {"path": features.store_path, "fingerprint": features.fingerprint,
+                  "extraction": extraction_record(features.store)},  # fmt: skip
         "splits": splits.summary(),
         "features": features.describe(),
         "device": str(device),  # rank 0's
         "world_size": world_size,  # processes that trained together (torchrun); 1 alone
         "torch": torch.__version__,
+    }
+
+
+def extraction_record(store) -> dict:
+    """How the store's features were made, kept in the run (config.json and every checkpoint) so
+    that ``spool predict`` can make the same features from new videos without the store: the
+    content attributes (backbone, weights identity, transform, sampling), the classes and shapes,
+    and the frames per backbone call."""
+    attrs = store.attrs
+    return {
+        "content": attrs.get("content", {}),
+        "class_names": store.class_names,
+        "num_frames": store.num_frames,
+        "num_tokens": store.num_tokens,
+        "dim": store.dim,
+        "clips_per_video": store.clips_per_video,
+        "batch_size": attrs.get("extract_config", {}).get("batch_size"),
     }
 
 
