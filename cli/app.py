@@ -447,6 +447,11 @@ def ablate(
     slurm_option: Annotated[
         Optional[list[str]], typer.Option(help="submitit: extra sbatch option KEY=VALUE or KEY (repeat the option).")
     ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="KEY=VALUE: set a train-head option in the file's base, e.g. --set epochs=5 "
+                                   "(repeat the option; a value is read as YAML)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -474,7 +479,8 @@ def ablate(
     grid = None
     try:
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
-                         device_override=device, launcher_override={k: v for k, v in given.items() if v is not None})  # fmt: skip
+                         device_override=device, launcher_override={k: v for k, v in given.items() if v is not None},
+                         base_override=dict(_set_option(o) for o in set_ or []))  # fmt: skip
         result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)
@@ -488,6 +494,16 @@ def ablate(
     if result.failed:
         console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
         raise typer.Exit(1)
+
+
+def _set_option(option: str) -> tuple[str, object]:
+    """--set epochs=5 -> ("epochs", 5): the value as YAML reads it, as in the grid file."""
+    import yaml
+
+    key, sep, value = option.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"expected KEY=VALUE, got {option!r}", param_hint="--set")
+    return key.strip(), yaml.safe_load(value)
 
 
 def _range(value: str) -> int | str:
