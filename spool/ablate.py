@@ -183,8 +183,9 @@ def check_same_videos(stores: list[StoreInfo], source: str = "") -> None:
             diff = np.flatnonzero(va[key] != vb[key])
             if len(diff):
                 i = int(diff[0])
+                x, y = (getattr(v, "item", lambda v=v: v)() for v in (va[key][i], vb[key][i]))  # numpy -> Python
                 raise GridError(f"{where}: video {i} ({va['video_id'][i]}) differs in its {what}: "
-                                f"{va[key][i]!r} in {a.path}, {vb[key][i]!r} in {b.path}")  # fmt: skip
+                                f"{x!r} in {a.path}, {y!r} in {b.path}")  # fmt: skip
         for name in ("train", "eval", "select"):
             moved = sorted(a.split_videos[name] ^ b.split_videos[name])
             if moved:

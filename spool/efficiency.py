@@ -54,7 +54,9 @@ def forward_flops(head: str, head_config, *, num_frames: int, num_tokens: int) -
     masked = isinstance(head_config, HeadConfig) and head_config.attention == "spool"
     if masked:  # any backend builds on meta; its attention count is replaced below
         head_config = dataclasses.replace(head_config, backend="blocked")
-    with torch.device("cpu"):
+    # fork_rng: building the model draws initial weights; the caller's random stream (its
+    # dropout masks, its next model) must not depend on whether FLOPs were counted
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         model = build_head(head, head_config, device="meta").eval().requires_grad_(False)
     dim = getattr(head_config, "in_dim")
     shapes = {"patches": (1, num_frames, num_tokens, dim), "cls": (1, num_frames, dim)}
