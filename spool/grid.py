@@ -336,9 +336,8 @@ def _parse(
         raise GridError("out: missing; give the output folder in the grid file or on the command line")
 
     base = _overrides(data.get("base"), "base", axis=False)
-    if base_override:  # the command line's --set KEY=VALUE: on top of the file's base
-        for field_name, value in _overrides(base_override, "--set", axis=False).items():
-            base[field_name] = value
+    set_by_cli = _overrides(base_override, "--set", axis=False)  # the command line's --set KEY=VALUE
+    base.update(set_by_cli)  # on top of the file's base
     axes: list[tuple[str, tuple]] = []
     for key, values in _mapping(data.get("grid"), "grid").items():
         name, opt = _lookup(key, "grid")
@@ -354,7 +353,7 @@ def _parse(
         if len(set(parsed)) != len(parsed):
             raise GridError(f"{path}: repeated values {vals}")
         if opt.field in base:
-            where = "by --set" if base_override and opt.field in _overrides(base_override, "--set", axis=False) else "in base"
+            where = "by --set" if opt.field in set_by_cli else "in base"
             raise GridError(f"{path}: {name} is also set {where}; keep it in one place")
         axes.append((opt.field, parsed))
     if store_axis is not None:

@@ -45,8 +45,8 @@ from spool.checkpoint import (
 from spool.data import FeatureSet, Splits, assign_splits
 from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
-from spool.efficiency import PeakMemory, forward_flops, param_count
 from spool.distributed import TorchrunEnv, rank_device
+from spool.efficiency import PeakMemory, forward_flops, param_count
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
 from spool.progress import make_console
@@ -649,8 +649,8 @@ def _run(
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
         t_eval = time.perf_counter()
-        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)  # synchronised: logits on the CPU
-        eval_time = time.perf_counter() - t_eval
+        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
+        eval_time = time.perf_counter() - t_eval  # evaluate ends with the logits on the CPU: synchronised
         select = evaluate(model, inputs, features, splits.select, cfg.batch_size, device, ranks) if len(splits.select) else None
         record = EpochRecord(
             epoch=epoch + 1,
