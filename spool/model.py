@@ -333,13 +333,13 @@ class SpoolHead(nn.Module):
         if cfg.attention == "spool":
             self.backend = resolve_backend(cfg.backend, device, needs_grad)
             log.info("SpoolHead attention backend: %s (requested %r, device %s)", self.backend, cfg.backend, device)
-            self.blocks = nn.ModuleList([BTTBlock(cfg, self.backend) for _ in range(cfg.depth)])
-        elif cfg.attention == "full":
-            self.backend = "sdpa"  # no mask: nothing to choose
-            self.blocks = nn.ModuleList([BTTBlock(cfg, self.backend) for _ in range(cfg.depth)])
         else:
-            self.backend = "sdpa"
-            self.blocks = nn.ModuleList([FactorizedBlock(cfg) for _ in range(cfg.depth)])
+            self.backend = "sdpa"  # no mask: nothing to choose
+        if cfg.attention == "factorized":
+            blocks = [FactorizedBlock(cfg) for _ in range(cfg.depth)]
+        else:  # spool and full: the same block, another attention in it
+            blocks = [BTTBlock(cfg, self.backend) for _ in range(cfg.depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.pool = ContextPooling(cfg.width, cfg.num_classes, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
         self.apply(_init_weights)
         # Variance-preserving input projection: standardised inputs come out at unit scale,
