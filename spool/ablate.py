@@ -183,9 +183,8 @@ def check_same_videos(stores: list[StoreInfo], source: str = "") -> None:
             diff = np.flatnonzero(va[key] != vb[key])
             if len(diff):
                 i = int(diff[0])
-                x, y = (getattr(v, "item", lambda v=v: v)() for v in (va[key][i], vb[key][i]))  # numpy -> Python
                 raise GridError(f"{where}: video {i} ({va['video_id'][i]}) differs in its {what}: "
-                                f"{x!r} in {a.path}, {y!r} in {b.path}")  # fmt: skip
+                                f"{_plain(va[key][i])!r} in {a.path}, {_plain(vb[key][i])!r} in {b.path}")  # fmt: skip
         for name in ("train", "eval", "select"):
             moved = sorted(a.split_videos[name] ^ b.split_videos[name])
             if moved:
@@ -197,6 +196,11 @@ def check_same_videos(stores: list[StoreInfo], source: str = "") -> None:
 
 def _at(names: list, i: int) -> str:
     return repr(names[i]) if i < len(names) else "none"
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds (1, not np.int32(1)), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _source(grid: GridConfig) -> str:

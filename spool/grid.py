@@ -4,8 +4,9 @@ A grid is a flat set of overrides of ``TrainConfig`` (spool.train) applied with
 ``dataclasses.replace``: ``base`` for every run, ``grid`` axes whose cartesian product
 gives the cells, ``configs`` for extra cells, ``exclude`` to drop cells, ``seeds`` and
 ``baselines``. ``head`` picks the head per cell; ``store`` may be a grid axis (several
-feature stores of the same videos, e.g. one per backbone). Keys are train-head's option names (``--batch-size`` -> ``batch-size`` or
-``batch_size``) or TrainConfig field names; ``KEYS`` is the one table that maps them.
+feature stores of the same videos, e.g. one per backbone). Keys are train-head's option
+names (``--batch-size`` -> ``batch-size`` or ``batch_size``) or TrainConfig field names;
+``KEYS`` is the one table that maps them.
 The ``launcher`` section says where the runs execute (``LauncherConfig``: this machine, or
 one cluster job per run through submitit; ``LAUNCHER_KEYS`` maps its keys).
 docs/ablate.md is the schema reference.
@@ -52,11 +53,11 @@ class Option:
 
 # grid key (train-head's option name without "--") -> TrainConfig field and allowed values
 KEYS: dict[str, Option] = {
+    "head": Option("head", str, choices=HEAD_NAMES),
+    "store": Option("store", str, axis_only=True),
     "heads": Option("num_heads", int, minimum=1),
     "lookahead": Option("lookahead", int, optional=True, minimum=0),
     "lookback": Option("lookback", int, optional=True, minimum=0),
-    "head": Option("head", str, choices=HEAD_NAMES),
-    "store": Option("store", str, axis_only=True),
     "range": Option("local_frame_range", int, minimum=0, words=("all",)),
     "depth": Option("depth", int, minimum=1),
     "dim": Option("dim", int, optional=True, minimum=1),
