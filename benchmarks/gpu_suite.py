@@ -15,7 +15,7 @@ Parts (caps on one H200; the whole suite also stops at --budget seconds):
   environment   torch, CUDA, the GPU and the packages the other parts need
   correctness   flex, blocked and dense against a float64 dense reference: outputs and
                 gradients, fp32 and bf16, several (T, L, k, head split), context on and off;
-                the Spool head (and the full / factorized heads, once they exist) per backend
+                the Spool head (and the full / factorized heads) per backend
   attention     fwd and fwd+bwd of compiled flex, blocked, dense SDPA with the mask and
                 unmasked fused SDPA (benchmarks/attention.py), T = 16..256, L = 256, bf16,
                 6 heads of 64; TFLOP/s on allowed pairs, peak memory, ratios
@@ -184,7 +184,7 @@ def part_environment(log: PartLog, quick: bool, device: str, work: Path) -> None
 CORRECTNESS_CASES = [(8, 16, 2, 3, True), (3, 32, 4, 0, False), (16, 64, 1, 6, True)]
 CORRECTNESS_CASES_QUICK = [(3, 4, 1, 3, True), (2, 4, 4, 0, False)]
 TOLERANCE = {"fp32": 2e-3, "bf16": 2e-2}  # relative to a float64 reference; fp32 allows tf32
-# Heads whose attention backends are compared; "full" and "factorized" are planned, not yet in spool.
+# Heads whose attention backends are compared (full and factorized: SDPA whatever the backend).
 HEAD_VARIANTS = ("spool", "full", "factorized")
 
 
@@ -257,7 +257,10 @@ def _check_heads(log: PartLog, quick: bool, device: str) -> bool:
 
         def run(backend, dtype, autocast):
             torch.manual_seed(0)  # the same weights for every backend
-            cfg = config_cls(**{k: v for k, v in common.items() if k in fields}, backend=backend)
+            # "full" and "factorized" are Spool heads with another attention: they take the
+            # backend option but use none (SDPA, no mask), so every backend must agree there
+            attention = {"attention": name} if "attention" in fields else {}
+            cfg = config_cls(**{k: v for k, v in common.items() if k in fields}, backend=backend, **attention)
             model = build_head(name, cfg, device=device).to(dtype)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x.to(dtype))

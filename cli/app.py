@@ -335,11 +335,17 @@ def make_toy(
 def train_head(
     store: Annotated[Path, typer.Argument(help="A feature store written by `spool extract`.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder; default runs/<store name>-<head>.")] = None,
-    head: Annotated[str, typer.Option(help="spool | mean-linear (DINOv2 protocol) | attentive-probe (V-JEPA).")] = "spool",
+    head: Annotated[
+        str,
+        typer.Option(help="spool | full (all tokens attend all) | factorized (space, then time) | "
+                          "mean-linear (DINOv2 protocol) | attentive-probe (V-JEPA)."),
+    ] = "spool",
     heads: Annotated[int, typer.Option("--heads", help="Attention heads per block.")] = 6,
     lookahead: Annotated[Optional[int], typer.Option(help="Lookahead heads; the rest look back. Default heads // 2.")] = None,
     lookback: Annotated[Optional[int], typer.Option(help="Lookback heads; the rest look ahead.")] = None,
-    range_: Annotated[int, typer.Option("--range", help="local_frame_range k: frames each side a head sees.")] = 2,
+    range_: Annotated[
+        str, typer.Option("--range", help="local_frame_range k: frames each side a head sees; 'all': T - 1.")
+    ] = "2",
     depth: Annotated[int, typer.Option(help="BTT blocks.")] = 4,
     dim: Annotated[Optional[int], typer.Option(help="Head width; default the feature width.")] = None,
     no_context: Annotated[bool, typer.Option("--no-context", help="Drop the start/end context frames.")] = False,
@@ -393,7 +399,7 @@ def train_head(
     try:
         cfg = TrainConfig(
             store=str(store), out=str(out), head=head, num_heads=heads, lookahead=lookahead, lookback=lookback,
-            local_frame_range=range_, depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
+            local_frame_range=_range(range_), depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
             backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
             seed=seed, val_fraction=val_fraction, val_from_train=val_from_train, cache=cache, workers=workers,
@@ -543,6 +549,11 @@ def ablate(
     slurm_option: Annotated[
         Optional[list[str]], typer.Option(help="submitit: extra sbatch option KEY=VALUE or KEY (repeat the option).")
     ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="KEY=VALUE: set a train-head option in the file's base, e.g. --set epochs=5 "
+                                   "(repeat the option; a value is read as YAML)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -570,7 +581,8 @@ def ablate(
     grid = None
     try:
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
-                         device_override=device, launcher_override={k: v for k, v in given.items() if v is not None})  # fmt: skip
+                         device_override=device, launcher_override={k: v for k, v in given.items() if v is not None},
+                         base_override=dict(_set_option(o) for o in set_ or []))  # fmt: skip
         result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)
@@ -584,6 +596,26 @@ def ablate(
     if result.failed:
         console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
         raise typer.Exit(1)
+
+
+def _set_option(option: str) -> tuple[str, object]:
+    """--set epochs=5 -> ("epochs", 5): the value as YAML reads it, as in the grid file."""
+    import yaml
+
+    key, sep, value = option.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"expected KEY=VALUE, got {option!r}", param_hint="--set")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _range(value: str) -> int | str:
+    """--range: an integer, or "all" (every frame on a head's side; resolved with the store's T)."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected an integer >= 0 or 'all', got {value!r}", param_hint="--range") from None
 
 
 def _key_value(option: str) -> tuple[str, str | bool]:

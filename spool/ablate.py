@@ -1,11 +1,13 @@
-"""``spool ablate grid.yaml``: a grid of temporal heads trained on one feature cache.
+"""``spool ablate grid.yaml``: a grid of temporal heads trained on feature caches.
 
     grid = load_grid("grid.yaml")
     result = run_ablation(grid)          # out/results.csv, results.json, summary.md, plots/
 
-The store is opened once and its val split drawn once (``split-seed``); the features are
-loaded once per token_pool and handed to every ``train_head`` of that group, in this
-process or, with ``jobs > 1``, once per worker process. Each run writes to
+Each store (one, or several on a ``store`` axis: the same videos through other backbones)
+is opened once and its val split drawn once (``split-seed``); the features are loaded once
+per (store, token_pool) and handed to every ``train_head`` of that group, in this process
+or, with ``jobs > 1``, once per worker process that meets the group. A process holds one
+group's features at a time. Each run writes to
 ``out/runs/<cell-id>-seed<k>`` and is complete when its ``result.json`` exists (written
 atomically, last): a re-run skips complete runs and continues half-done ones from their
 ``checkpoint_last.pt`` (train_head's resume), so an ablation killed at any moment finishes
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from spool.grid import Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
+from spool.grid import UNUSED, Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
 from spool.train import TrainConfig
 
 __all__ = [
@@ -47,7 +49,8 @@ __all__ = [
 
 RESULT = "result.json"
 ERROR = "error.json"
-TIMING_COLUMNS = ("clips_per_s", "wall_s")  # differ between runs of the same config
+# differ between runs of the same config (throughput, memory, time)
+TIMING_COLUMNS = ("clips_per_s", "eval_videos_per_s", "peak_memory_mb", "wall_s")
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,25 @@ class Run:
     cfg: TrainConfig
 
 
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a grid needs of one store, read once when planning."""
+
+    path: str
+    fingerprint: str | None
+    backbone: str | None
+    shapes: dict  # in_dim, num_frames, num_classes: for make_head_config
+    num_tokens: int
+    videos: dict  # video_id, label, split, done: arrays, for comparing the stores of an axis
+    split_videos: dict  # "train", "eval", "select" -> the video ids of the drawn split
+
+
 @dataclass
 class AblationResult:
     grid: GridConfig
     cells: list[Cell]
     runs: list[Run]
+    stores: dict[str, StoreInfo] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # one per run, in grid order then seed
     summary: list[dict] = field(default_factory=list)  # one per cell, best first
     trained: int = 0  # runs finished by this invocation
@@ -81,33 +98,24 @@ class AblationResult:
 def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
     """Every cell and run of the grid, each cell's TrainConfig and head config built with the
     store's shapes: raises GridError (naming the cell) before anything is trained."""
-    from spool.data import FeatureSetError, assign_splits, pooled_num_tokens
-    from spool.stores import StoreError, open_store
+    cells, runs, _ = _plan(grid)
+    return cells, runs
+
+
+def _plan(grid: GridConfig) -> tuple[list[Cell], list[Run], dict[str, StoreInfo]]:
+    from spool.data import FeatureSetError, pooled_num_tokens
     from spool.train import TrainError, make_head_config
 
-    try:
-        store = open_store(grid.store, mode="r")
-    except (StoreError, FileNotFoundError) as err:
-        raise GridError(f"store: {err}") from None
-    with store:
-        t = store.clips()
-        val_fraction = grid.base.get("val_fraction", TrainConfig.val_fraction)
-        val_from_train = grid.base.get("val_from_train", TrainConfig.val_from_train)
-        try:  # the one split every run trains and evaluates on (load_features draws the same)
-            assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction, seed=grid.split_seed,
-                          val_from_train=val_from_train, class_names=store.class_names)  # fmt: skip
-        except (FeatureSetError, ValueError) as err:
-            raise GridError(f"{_source(grid)}{grid.store}: cannot split the store for training: {err}") from None
-        fingerprint = store.attrs.get("fingerprint")
-        shapes = dict(in_dim=store.dim, num_frames=store.num_frames, num_classes=len(store.class_names))
-        num_tokens = store.num_tokens
-    cells = expand(grid, fingerprint)
+    stores = {path: read_store(grid, path) for path in grid.stores}
+    check_same_videos(list(stores.values()), source=_source(grid))
+    cells = expand(grid, {path: info.fingerprint for path, info in stores.items()})
     runs = []
     for cell in cells:
         cfg = train_config(grid, cell.head, cell.overrides)
+        info = stores[cfg.store]
         where = f"{cell.origin}" + (f" with base {_fmt_overrides(grid.base)}" if grid.base else "")
         try:
-            make_head_config(cfg, num_tokens=pooled_num_tokens(num_tokens, cfg.token_pool), **shapes)
+            make_head_config(cfg, num_tokens=pooled_num_tokens(info.num_tokens, cfg.token_pool), **info.shapes)
             if not 0.0 < cfg.val_fraction < 1.0:
                 raise GridError(f"val-fraction must be in (0, 1), got {cfg.val_fraction}")
             if cfg.dropout >= 1.0:
@@ -117,7 +125,82 @@ def plan_ablation(grid: GridConfig) -> tuple[list[Cell], list[Run]]:
         for seed in grid.seeds:
             run_dir = str(Path(grid.out) / "runs" / f"{cell.id}-seed{seed}")
             runs.append(Run(cell, seed, run_dir, train_config(grid, cell.head, cell.overrides, seed=seed, out=run_dir)))
-    return cells, runs
+    return cells, runs, stores
+
+
+def read_store(grid: GridConfig, path: str) -> StoreInfo:
+    """Open one store of the grid, draw its split (the one every run on it uses) and keep
+    what planning and the results need; GridError when it cannot be opened or split."""
+    from spool.data import FeatureSetError, assign_splits
+    from spool.stores import DONE, StoreError, open_store
+
+    key = "store" if len(grid.stores) == 1 else "grid.store"
+    try:
+        store = open_store(path, mode="r")
+    except (StoreError, FileNotFoundError) as err:
+        raise GridError(f"{key}: {err}") from None
+    with store:
+        t, v = store.clips(), store.videos()
+        val_fraction = grid.base.get("val_fraction", TrainConfig.val_fraction)
+        val_from_train = grid.base.get("val_from_train", TrainConfig.val_from_train)
+        try:  # the one split every run trains and evaluates on (load_features draws the same)
+            splits = assign_splits(t.split, t.video_index, t.label, t.done, val_fraction=val_fraction,
+                                   seed=grid.split_seed, val_from_train=val_from_train,
+                                   class_names=store.class_names)  # fmt: skip
+        except (FeatureSetError, ValueError) as err:
+            raise GridError(f"{_source(grid)}{path}: cannot split the store for training: {err}") from None
+        ids = np.asarray(v.video_id, dtype=object)
+        return StoreInfo(
+            path=path,
+            fingerprint=store.attrs.get("fingerprint"),
+            backbone=store.attrs.get("backbone"),
+            shapes=dict(in_dim=store.dim, num_frames=store.num_frames, num_classes=len(store.class_names)),
+            num_tokens=store.num_tokens,
+            videos={"video_id": ids, "label": np.asarray(v.label), "split": np.asarray(v.split),
+                    "done": np.asarray(v.status) == DONE, "class_names": list(store.class_names)},  # fmt: skip
+            split_videos={name: set(ids[np.unique(t.video_index[clips])])
+                          for name, clips in (("train", splits.train), ("eval", splits.eval), ("select", splits.select))},
+        )  # fmt: skip
+
+
+def check_same_videos(stores: list[StoreInfo], source: str = "") -> None:
+    """The stores of a store axis must hold the same videos, labels and split (they may differ
+    in backbone, width and token count): GridError naming the first difference."""
+    if len(stores) < 2:
+        return
+    a = stores[0]
+    for b in stores[1:]:
+        where = f"{source}grid.store: {a.path} and {b.path} do not hold the same videos"
+        va, vb = a.videos, b.videos
+        if va["class_names"] != vb["class_names"]:
+            c = next((i for i, (x, y) in enumerate(zip(va["class_names"], vb["class_names"])) if x != y),
+                     min(len(va["class_names"]), len(vb["class_names"])))  # fmt: skip
+            raise GridError(f"{where}: their classes differ first at class {c} "
+                            f"({_at(va['class_names'], c)} vs {_at(vb['class_names'], c)})")  # fmt: skip
+        if len(va["video_id"]) != len(vb["video_id"]):
+            raise GridError(f"{where}: {len(va['video_id'])} videos vs {len(vb['video_id'])}")
+        for key, what in (("video_id", "video id"), ("label", "label"), ("split", "split code"), ("done", "finished")):
+            diff = np.flatnonzero(va[key] != vb[key])
+            if len(diff):
+                i = int(diff[0])
+                raise GridError(f"{where}: video {i} ({va['video_id'][i]}) differs in its {what}: "
+                                f"{_plain(va[key][i])!r} in {a.path}, {_plain(vb[key][i])!r} in {b.path}")  # fmt: skip
+        for name in ("train", "eval", "select"):
+            moved = sorted(a.split_videos[name] ^ b.split_videos[name])
+            if moved:
+                raise GridError(f"{where}: their drawn splits differ; video {moved[0]} is in the {name} split of "
+                                f"{a.path if moved[0] in a.split_videos[name] else b.path} only (stores with other "
+                                "clips per video draw other splits: give the videos a split with "
+                                "`spool extract --split-file`)")  # fmt: skip
+
+
+def _at(names: list, i: int) -> str:
+    return repr(names[i]) if i < len(names) else "none"
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds (1, not np.int32(1)), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _source(grid: GridConfig) -> str:
@@ -135,14 +218,14 @@ def is_complete(run: Run) -> bool:
 # --- running ----------------------------------------------------------------------------
 
 
-def _load_group(grid: GridConfig, token_pool: int, heads: set[str], device: str | None = None):
-    """One FeatureSet for every run with this token_pool, holding the inputs all their heads
-    read, on the split every run of the grid shares."""
+def _load_group(grid: GridConfig, store: str, token_pool: int, heads: set[str], device: str | None = None):
+    """One FeatureSet for every run on this store with this token_pool, holding the inputs
+    all their heads read, on the split every run of the grid shares."""
     from spool.checkpoint import HEAD_INPUTS
     from spool.train import load_features
 
     inputs = tuple(sorted({i for h in heads for i in HEAD_INPUTS[h]}))
-    cfg = train_config(grid, "spool", {"token_pool": token_pool}, seed=grid.split_seed)
+    cfg = train_config(grid, "spool", {"token_pool": token_pool, "store": store}, seed=grid.split_seed)
     if device is not None:
         cfg = replace(cfg, device=device)
     features, _ = load_features(cfg, inputs=inputs)
@@ -164,16 +247,25 @@ def _train(run: Run, features) -> dict:
         _atomic_json(out / ERROR, record)
         return record
     model = build_head(run.cfg.head, result.config["head_config"], device="cpu")
+    cost = json.loads((out / "metrics.json").read_text()).get("efficiency", {})  # train_head's (spool.efficiency)
     record = {
         "status": "ok",
         "error": "",
         "top1": result.final["top1"],
         "top5": result.final["top5"],
         "params": sum(p.numel() for p in model.parameters()),
+        "flops": cost.get("flops"),  # forward, per clip
+        "attention_flops": cost.get("attention_flops"),
+        "attention_counted": cost.get("attention_counted"),
         "epochs": len(result.history),
         "best_epoch": result.best["epoch"],
         "clips_per_s": float(np.mean([h.clips_per_s for h in result.history])),
+        "eval_videos_per_s": cost.get("eval_videos_per_s"),
+        "peak_memory_mb": cost.get("peak_memory_mb"),
+        "peak_memory_of": cost.get("peak_memory_of"),
         "wall_s": time.perf_counter() - t0,  # of this invocation's part of the run
+        "store": {"path": run.cfg.store, "backbone": features.store.attrs.get("backbone"),
+                  "fingerprint": features.fingerprint},  # fmt: skip
         "config": asdict(run.cfg),
     }
     _atomic_json(out / RESULT, record)  # last: the run is complete once this file exists
@@ -187,25 +279,34 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-# Worker processes keep one FeatureSet per token_pool, loaded on their first run of it.
+def _group(run: Run) -> tuple[str, int]:
+    """The runs that share one FeatureSet: same store, same token_pool."""
+    return run.cfg.store, run.cfg.token_pool
+
+
+# A worker process holds one FeatureSet, that of its current (store, token_pool) group; the
+# runs reach the workers sorted by group, so a worker never comes back to a group it left.
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(grid: GridConfig, heads_by_pool: dict, device: str | None, threads: int) -> None:
+def _worker_init(grid: GridConfig, heads_by_group: dict, device: str | None, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER.update(grid=grid, heads=heads_by_pool, device=device, features={})
+    _WORKER.update(grid=grid, heads=heads_by_group, device=device, features={})
 
 
 def _worker_run(run: Run) -> dict:
-    pool = run.cfg.token_pool
-    feats = _WORKER["features"]
-    if pool not in feats:
-        feats[pool] = _load_group(_WORKER["grid"], pool, _WORKER["heads"][pool], _WORKER["device"])
+    group = _group(run)
+    held = _WORKER["features"]
+    if group not in held:
+        for features in held.values():  # one group's features at a time
+            features.store.close()
+        held.clear()
+        held[group] = _load_group(_WORKER["grid"], *group, _WORKER["heads"][group], _WORKER["device"])
     if _WORKER["device"] is not None:
         run = replace(run, cfg=replace(run.cfg, device=_WORKER["device"]))
-    return _train(run, feats[pool])
+    return _train(run, held[group])
 
 
 def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> AblationResult:
@@ -222,12 +323,12 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     if submitit and jobs != 1:
         raise GridError(f"jobs: --jobs {jobs} is for the local launcher; the submitit launcher runs one job per run "
                         "(launcher.array-parallelism limits how many run at once)")  # fmt: skip
-    cells, runs = plan_ablation(grid)
-    result = AblationResult(grid=grid, cells=cells, runs=runs, dry_run=dry_run)
+    cells, runs, stores = _plan(grid)
+    result = AblationResult(grid=grid, cells=cells, runs=runs, stores=stores, dry_run=dry_run)
     pending = [r for r in runs if not is_complete(r)]
     result.skipped = len(runs) - len(pending)
     if dry_run:
-        result.rows = [_row(grid, r, _read_record(r)) for r in runs]
+        result.rows = [_row(result, r, _read_record(r)) for r in runs]
         return result
 
     from spool.progress import make_console
@@ -255,10 +356,10 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
             wall = f" ({record['wall_s']:.1f}s)" if record.get("wall_s") is not None else ""
             console.print(f"[{done}/{len(pending)}] {run.cell.id} seed {run.seed}: {what}{wall}")
 
-    by_pool: dict[int, list[Run]] = defaultdict(list)
+    by_group: dict[tuple[str, int], list[Run]] = defaultdict(list)  # in order of first appearance
     for r in pending:
-        by_pool[r.cfg.token_pool].append(r)
-    heads_by_pool = {p: {r.cfg.head for r in rs} for p, rs in by_pool.items()}
+        by_group[_group(r)].append(r)
+    heads_by_group = {g: {r.cfg.head for r in rs} for g, rs in by_group.items()}
     if submitit and pending:
         from spool.launcher import run_jobs
 
@@ -268,15 +369,15 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
 
         run_jobs(grid, pending, report, on_update=update, console=console, progress=progress)
     elif jobs == 1:
-        for pool, group in by_pool.items():
-            features = _load_group(grid, pool, heads_by_pool[pool])
+        for (store, pool), group in by_group.items():  # one group's features in memory at a time
+            features = _load_group(grid, store, pool, heads_by_group[store, pool])
             try:
                 for r in group:
                     report(r, _train(r, features))
             finally:
                 features.store.close()
     elif pending:
-        _run_parallel(grid, pending, heads_by_pool, jobs, report)
+        _run_parallel(grid, [r for rs in by_group.values() for r in rs], heads_by_group, jobs, report)
 
     _collect_rows(result)
     write_results(result)
@@ -286,7 +387,7 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     return result
 
 
-def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
+def _run_parallel(grid, pending, heads_by_group, jobs, report) -> None:
     import multiprocessing
 
     import torch
@@ -298,7 +399,7 @@ def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
     devices = [f"cuda:{i}" for i in range(ngpu)] if ngpu else [None]
     per_device = [max(1, jobs // len(devices) + (i < jobs % len(devices))) for i in range(len(devices))]
     executors = [
-        ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(grid, heads_by_pool, d, threads))
+        ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(grid, heads_by_group, d, threads))
         for d, n in zip(devices[:jobs], per_device)
     ]
     try:
@@ -316,7 +417,7 @@ def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
 
 
 def _collect_rows(result: AblationResult) -> None:
-    result.rows = [_row(result.grid, r, _read_record(r)) for r in result.runs]
+    result.rows = [_row(result, r, _read_record(r)) for r in result.runs]
     result.summary = summarize(result.grid, result.cells, result.rows)
 
 
@@ -328,19 +429,26 @@ def _read_record(run: Run) -> dict:
     return {"status": "pending", "error": ""}
 
 
-def _row(grid: GridConfig, run: Run, record: dict) -> dict:
+def _row(result: AblationResult, run: Run, record: dict) -> dict:
+    grid = result.grid
     row = {"cell": run.cell.id, "kind": run.cell.kind, "head": run.cell.head}
-    for f in columns(grid):
-        row[key_name(f)] = "" if run.cell.kind == "baseline" else getattr(run.cfg, f)
+    unused = UNUSED.get(run.cell.head, ())
+    for f in (f for f in columns(grid) if f != "head"):  # the head has its column already
+        shown = run.cell.kind != "baseline" and f not in unused or f == "store"
+        row[key_name(f)] = getattr(run.cfg, f) if shown else ""
     row.update(seed=run.seed, status=record["status"], top1=record.get("top1"), top5=record.get("top5"))
-    row.update(params=record.get("params"), error=record.get("error", ""))
+    info = result.stores.get(run.cfg.store)
+    row.update(params=record.get("params"), flops=record.get("flops"),
+               backbone=info.backbone if info else None, fingerprint=info.fingerprint if info else None,
+               error=record.get("error", ""))  # fmt: skip
     row.update({k: record.get(k) for k in TIMING_COLUMNS})
     return row
 
 
 def summarize(grid: GridConfig, cells: list[Cell], rows: list[dict]) -> list[dict]:
     """Per cell: mean and std (population, over the seeds that finished) of top-1/top-5,
-    params and mean clips/s; sorted by mean top-1 (unfinished cells last); the best
+    params, FLOPs per clip, mean train clips/s and eval videos/s, the largest peak memory,
+    and the store's backbone; sorted by mean top-1 (unfinished cells last); the best
     non-baseline cell gets ``best=True``."""
     by_cell = defaultdict(list)
     for row in rows:
@@ -357,7 +465,11 @@ def summarize(grid: GridConfig, cells: list[Cell], rows: list[dict]) -> list[dic
             "top1_mean": float(np.mean(top1)) if top1 else None, "top1_std": float(np.std(top1)) if top1 else None,
             "top5_mean": float(np.mean(top5)) if top5 else None, "top5_std": float(np.std(top5)) if top5 else None,
             "params": ok[0]["params"] if ok else None,
+            "flops": ok[0].get("flops") if ok else None,
             "clips_per_s": float(np.mean([r["clips_per_s"] for r in ok])) if ok else None,
+            "eval_videos_per_s": _mean([r.get("eval_videos_per_s") for r in ok]),
+            "peak_memory_mb": max([r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb") is not None], default=None),
+            "backbone": by_cell[cell.id][0].get("backbone") if by_cell[cell.id] else None,
             "best": False,
         })  # fmt: skip
     summary.sort(key=lambda s: -math.inf if s["top1_mean"] is None else s["top1_mean"], reverse=True)
@@ -365,6 +477,11 @@ def summarize(grid: GridConfig, cells: list[Cell], rows: list[dict]) -> list[dic
     if heads:
         heads[0]["best"] = True
     return summary
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]  # runs from before a column existed have none
+    return float(np.mean(values)) if values else None
 
 
 def write_results(result: AblationResult, *, plots: bool = True) -> None:
@@ -393,31 +510,49 @@ def _pm(mean, std, n) -> str:
 
 
 def _summary_rows(result: AblationResult) -> tuple[list[str], list[list[str]]]:
-    header = ["", "cell", "head", "top-1 %", "top-5 %", "seeds", "params", "clips/s"]
+    several = len(result.grid.stores) > 1
+    header = ["", "cell", "head", *(["backbone"] if several else []), "top-1 %", "top-5 %", "seeds", "params",
+              "GFLOPs/clip", "train clips/s", "eval videos/s", "peak MB"]  # fmt: skip
     body = []
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for s in result.summary:
         seeds = f"{s['seeds']}/{len(result.grid.seeds)}" + (f" ({s['failed']} failed)" if s["failed"] else "")
         body.append([
-            "★" if s["best"] else "", s["cell"], s["head"], _pm(s["top1_mean"], s["top1_std"], s["seeds"]),
-            _pm(s["top5_mean"], s["top5_std"], s["seeds"]), seeds,
-            "-" if s["params"] is None else f"{s['params']:,}",
-            "-" if s["clips_per_s"] is None else f"{s['clips_per_s']:.0f}",
+            "★" if s["best"] else "", s["cell"], s["head"], *([str(s.get("backbone"))] if several else []),
+            _pm(s["top1_mean"], s["top1_std"], s["seeds"]), _pm(s["top5_mean"], s["top5_std"], s["seeds"]), seeds,
+            num(s["params"], ","), "-" if s.get("flops") is None else _gflops(s["flops"]),
+            num(s["clips_per_s"], ".0f"), num(s.get("eval_videos_per_s"), ".0f"), num(s.get("peak_memory_mb"), ".0f"),
         ])  # fmt: skip
     return header, body
+
+
+def _gflops(flops: int) -> str:
+    g = flops / 1e9
+    return f"{g:.3g}" if g >= 0.01 else f"{g:.2e}"  # tiny test heads stay readable
 
 
 def summary_markdown(result: AblationResult) -> str:
     header, body = _summary_rows(result)
     g = result.grid
+    stores = ", ".join(
+        f"`{p}`" + (f" (backbone {i.backbone}, fingerprint {i.fingerprint})" if (i := result.stores.get(p)) else "")
+        for p in g.stores
+    )
+    text = 3 + (len(g.stores) > 1)  # left-aligned columns
     lines = [
         f"# Ablation {g.out}",
         "",
-        f"Store `{g.store}`, {len(result.cells)} cells x {len(g.seeds)} seeds (seeds {list(g.seeds)}); "
-        "top-1/top-5 are video-level accuracy on the eval split, mean ± std (population) over seeds; "
-        "★ marks the best non-baseline cell.",
+        f"Store{'s' if len(g.stores) > 1 else ''} {stores}; {len(result.cells)} cells x {len(g.seeds)} seeds "
+        f"(seeds {list(g.seeds)}); top-1/top-5 are video-level accuracy on the eval split, mean ± std (population) "
+        "over seeds; ★ marks the best non-baseline cell. GFLOPs: forward, per clip (masked attention counted on "
+        "the pairs its mask allows); clips/s and videos/s: mean over epochs and seeds, loading included; "
+        "peak MB: the largest over seeds (see docs/ablate.md for what it measures on this device).",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
+        "|" + "|".join("---" if i < text else "---:" for i in range(len(header))) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     failed = [r for r in result.rows if r["status"] == "failed"]
@@ -435,8 +570,9 @@ def print_summary(result: AblationResult, console=None) -> None:
     console = console or make_console()
     header, body = _summary_rows(result)
     table = Table(title=f"ablation {result.grid.out}")
+    text = 3 + (len(result.grid.stores) > 1)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i == 1)
+        table.add_column(h, justify="left" if i < text else "right", no_wrap=i == 1)
     for r, s in zip(body, result.summary):
         table.add_row(*r, style="bold green" if s["best"] else ("dim" if s["kind"] == "baseline" else None))
     console.print(table)
@@ -474,9 +610,11 @@ def print_plan(result: AblationResult, console=None) -> None:
 
 def plot_results(result: AblationResult, folder: Path) -> list[Path]:
     """top1_vs_<axis>.png per grid axis (one line per value of the next axis, mean over the
-    rest, error bars = std over seeds), top1_vs_params.png and top1_vs_throughput.png (one
-    point per cell, named in a legend beside the axes, so no label covers a point or another
-    label). Each plot draws the baselines and chance as horizontal lines."""
+    rest, error bars = std over seeds), and one point per cell against cost:
+    top1_vs_params.png, top1_vs_flops.png (forward FLOPs per clip), top1_vs_throughput.png
+    (train clips/s) and top1_vs_eval_throughput.png (eval videos/s); there a marker per head
+    and the cells named in a legend beside the axes, so no label covers a point or another
+    label. Each plot draws the baselines and chance as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,7 +626,9 @@ def plot_results(result: AblationResult, folder: Path) -> list[Path]:
     figures = [(f"top1_vs_{key_name(f)}", axis_figure(result, key_name(f), chance)) for f, _ in result.grid.axes]
     figures += [
         ("top1_vs_params", scatter_figure(result, "params", "parameters", chance)),
+        ("top1_vs_flops", scatter_figure(result, "flops", "forward FLOPs per clip", chance)),
         ("top1_vs_throughput", scatter_figure(result, "clips_per_s", "train clips/s", chance)),
+        ("top1_vs_eval_throughput", scatter_figure(result, "eval_videos_per_s", "eval videos/s", chance)),
     ]
     for name, fig in figures:
         written.append(folder / f"{name}.png")
@@ -540,7 +680,8 @@ def axis_figure(result: AblationResult, axis: str, chance: float | None = None):
     for n, line in enumerate(lines):
         mean, std = [], []
         for x in xs:
-            group = [r for r in rows if r[axis] == x and (other is None or r[other] == line)]
+            # a row with no value for `other` (an option its head does not read) belongs to every line
+            group = [r for r in rows if r[axis] == x and (other is None or r[other] in (line, ""))]
             per_seed = [np.mean([r["top1"] for r in group if r["seed"] == seed]) for seed in sorted({r["seed"] for r in group})]
             mean.append(100 * np.mean(per_seed) if per_seed else np.nan)
             std.append(100 * np.std(per_seed) if len(per_seed) > 1 else 0.0)
@@ -561,23 +702,29 @@ def axis_figure(result: AblationResult, axis: str, chance: float | None = None):
 LOG_SPAN = 20.0
 
 
+# one marker per head, so the heads stay apart in the cost plots whatever the colours
+HEAD_MARKERS = {"spool": "o", "full": "^", "factorized": "v", "mean-linear": "s", "attentive-probe": "D"}
+
+
 def scatter_figure(result: AblationResult, key: str, label: str, chance: float | None = None):
-    """Mean top-1 (± std over seeds) against ``key`` ("params" or "clips_per_s"), one point per
-    cell; the legend beside the axes names them."""
+    """Mean top-1 (± std over seeds) against ``key`` ("params", "flops", "clips_per_s" or
+    "eval_videos_per_s"), one point per cell, a marker per head (``HEAD_MARKERS``; the best
+    cell larger, edged in black); the legend beside the axes names them."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    cells = [s for s in result.summary if s["top1_mean"] is not None and s[key] is not None]
+    cells = [s for s in result.summary if s["top1_mean"] is not None and s.get(key) is not None]
     colors = plt.get_cmap("tab20" if len(cells) > 10 else "tab10")
     for n, s in enumerate(cells):
-        marker = "*" if s["best"] else ("s" if s["kind"] == "baseline" else "o")
+        marker = HEAD_MARKERS.get(s["head"], "o")
         # no text on the axes: cells are told apart by colour and marker, named in the legend
         ax.errorbar(s[key], 100 * s["top1_mean"], yerr=100 * (s["top1_std"] or 0.0), marker=marker,
-                    markersize=9 if s["best"] else 6, capsize=3, linestyle="none", color=colors(n % colors.N),
-                    label=s["cell"] + (" (best)" if s["best"] else ""))  # fmt: skip
+                    markersize=9 if s["best"] else 6, markeredgecolor="black" if s["best"] else None, capsize=3,
+                    linestyle="none", color=colors(n % colors.N),
+                    label=f"{s['cell']} [{s['head']}]" + (" (best)" if s["best"] else ""))  # fmt: skip
     _reference_lines(ax, result, chance)
     spread = [s[key] for s in cells if s[key] > 0]
-    if key == "params" or (spread and max(spread) / min(spread) > LOG_SPAN):
+    if key in ("params", "flops") or (spread and max(spread) / min(spread) > LOG_SPAN):
         ax.set_xscale("log")
     ax.set_xlabel(label + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(f"top-1 % (mean ± std over {len(result.grid.seeds)} seeds)")

@@ -22,13 +22,18 @@ from spool.model import HeadConfig, SpoolHead
 CHECKPOINT_VERSION = 1
 
 # head name -> (module class, config class); each module class declares its ``inputs``.
+# "full" and "factorized" are SpoolHeads whose HeadConfig.attention is that name.
 HEADS: dict[str, tuple[type[nn.Module], type]] = {
     "spool": (SpoolHead, HeadConfig),
+    "full": (SpoolHead, HeadConfig),
+    "factorized": (SpoolHead, HeadConfig),
     "mean-linear": (MeanLinearHead, MeanLinearConfig),
     "attentive-probe": (AttentiveProbe, AttentiveProbeConfig),
 }
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {
     "spool": ("patches",),
+    "full": ("patches",),
+    "factorized": ("patches",),
     "mean-linear": MeanLinearHead.inputs,
     "attentive-probe": AttentiveProbe.inputs,
 }
@@ -46,6 +51,8 @@ def build_head(head: str, head_config: dict | Any, device: str | torch.device = 
     module_cls, config_cls = HEADS[head]
     cfg = head_config if is_dataclass(head_config) else config_cls(**head_config)
     if module_cls is SpoolHead:
+        if cfg.attention != head:
+            raise CheckpointError(f"head {head!r} with a HeadConfig of attention {cfg.attention!r}; they must agree")
         return SpoolHead(cfg, device=device)
     return module_cls(cfg).to(device)
 

@@ -3,8 +3,10 @@
 A grid is a flat set of overrides of ``TrainConfig`` (spool.train) applied with
 ``dataclasses.replace``: ``base`` for every run, ``grid`` axes whose cartesian product
 gives the cells, ``configs`` for extra cells, ``exclude`` to drop cells, ``seeds`` and
-``baselines``. Keys are train-head's option names (``--batch-size`` -> ``batch-size`` or
-``batch_size``) or TrainConfig field names; ``KEYS`` is the one table that maps them.
+``baselines``. ``head`` picks the head per cell; ``store`` may be a grid axis (several
+feature stores of the same videos, e.g. one per backbone). Keys are train-head's option
+names (``--batch-size`` -> ``batch-size`` or ``batch_size``) or TrainConfig field names;
+``KEYS`` is the one table that maps them.
 The ``launcher`` section says where the runs execute (``LauncherConfig``: this machine, or
 one cluster job per run through submitit; ``LAUNCHER_KEYS`` maps its keys).
 docs/ablate.md is the schema reference.
@@ -22,7 +24,12 @@ from typing import Any
 
 from spool.train import TrainConfig
 
-BASELINES = ("mean-linear", "attentive-probe")
+BASELINES = ("mean-linear", "attentive-probe", "full", "factorized")
+HEAD_NAMES = ("spool", "full", "factorized", "mean-linear", "attentive-probe")
+# TrainConfig fields a head does not read: left out of its cells' names, hashes and result
+# columns, so that a grid crossing head with range trains the full head once, not per range.
+SPOOL_ONLY = ("lookahead", "lookback", "local_frame_range", "backend")
+UNUSED = {"full": SPOOL_ONLY, "factorized": SPOOL_ONLY}
 CACHE_MODES = ("auto", "none", "memory", "gpu")
 
 
@@ -40,14 +47,18 @@ class Option:
     exclusive_min: bool = False  # value must be > minimum rather than >=
     invert: bool = False  # no-context: true -> context_frames = False
     axis: bool = True  # may be a grid axis / differ between cells
+    words: tuple = ()  # strings allowed besides numbers ("all" for range)
+    axis_only: bool = False  # only a grid axis (or an exclusion): not in base or configs
 
 
 # grid key (train-head's option name without "--") -> TrainConfig field and allowed values
 KEYS: dict[str, Option] = {
+    "head": Option("head", str, choices=HEAD_NAMES),
+    "store": Option("store", str, axis_only=True),
     "heads": Option("num_heads", int, minimum=1),
     "lookahead": Option("lookahead", int, optional=True, minimum=0),
     "lookback": Option("lookback", int, optional=True, minimum=0),
-    "range": Option("local_frame_range", int, minimum=0),
+    "range": Option("local_frame_range", int, minimum=0, words=("all",)),
     "depth": Option("depth", int, minimum=1),
     "dim": Option("dim", int, optional=True, minimum=1),
     "context": Option("context_frames", bool),
@@ -74,7 +85,8 @@ TOP_KEYS = (
     "store", "out", "base", "grid", "configs", "exclude", "seeds", "baselines",
     "split-seed", "cache", "device", "workers", "launcher",
 )  # fmt: skip
-# TrainConfig fields that say where or how a run executes, not what it computes
+# TrainConfig fields that say where or how a run executes, not what it computes (head and
+# store are part of what a run computes: cell_hash adds the head and the store's fingerprint)
 RUN_FIELDS = ("store", "out", "seed", "resume", "overwrite", "cache", "workers", "device", "head")
 
 LAUNCHERS = ("local", "submitit")
@@ -133,7 +145,8 @@ SBATCH_RESERVED = {
 @dataclass(frozen=True)
 class GridConfig:
     """A validated grid. ``base``, ``axes`` values, ``configs`` and ``exclude`` hold
-    TrainConfig field names (``num_heads``, not ``heads``)."""
+    TrainConfig field names (``num_heads``, not ``heads``). With a store axis, ``store`` is
+    its first value."""
 
     store: str
     out: str
@@ -149,6 +162,11 @@ class GridConfig:
     workers: int = 2
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     source: str | None = None  # the grid file
+
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """The stores of the grid: the values of its store axis, or its one store."""
+        return dict(self.axes).get("store", (self.store,))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -192,6 +210,8 @@ def _lookup(key: Any, path: str) -> tuple[str, Option]:
 def _describe(opt: Option) -> str:
     if opt.choices:
         s = " | ".join(map(str, opt.choices))
+    elif opt.axis_only:
+        s = "a path"
     elif opt.kind is str:
         s = "a string"
     elif opt.kind is bool:
@@ -200,7 +220,7 @@ def _describe(opt: Option) -> str:
         s = "an integer" if opt.kind is int else "a number"
         if opt.minimum is not None:
             s += f" {'>' if opt.exclusive_min else '>='} {opt.minimum:g}"
-    return s + (" | null" if opt.optional else "")
+    return s + "".join(f" | {w}" for w in opt.words) + (" | null" if opt.optional else "")
 
 
 def _value(opt: Option, value: Any, path: str) -> Any:
@@ -214,6 +234,8 @@ def _value(opt: Option, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise bad
         return (not value) if opt.invert else value
+    if isinstance(value, str) and value in opt.words:
+        return value
     if opt.kind is str:
         if not isinstance(value, str) or not value or (opt.choices and value not in opt.choices):
             raise bad
@@ -247,6 +269,9 @@ def _overrides(data: Any, path: str, *, axis: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in _mapping(data, path).items():
         name, opt = _lookup(key, path)
+        if opt.axis_only:
+            raise GridError(f"{path}.{key}: {name} is set at the top level, or as a grid axis "
+                            f"(grid: {{{name}: [a.zarr, b.zarr]}}) to compare stores; not in {path}")  # fmt: skip
         if axis and not opt.axis:
             raise GridError(f"{path}.{key}: {name} cannot differ between runs of one grid (they share one split); set it in base")
         if opt.field in out:
@@ -281,7 +306,7 @@ def parse_grid(data: Any, *, source: str | None = None, **overrides) -> GridConf
 
 def _parse(
     data: dict, source, store_override=None, out_override=None, cache_override=None, device_override=None,
-    launcher_override=None,
+    launcher_override=None, base_override=None,
 ) -> GridConfig:  # fmt: skip
     for key in data:
         if key not in TOP_KEYS and str(key).replace("_", "-") not in TOP_KEYS:
@@ -301,12 +326,19 @@ def _parse(
 
     store = str(store_override) if store_override is not None else path_value("store")
     out = str(out_override) if out_override is not None else path_value("out")
-    if not store:
+    store_axis = next((k for k in _mapping(data.get("grid"), "grid") if str(k) == "store"), None)
+    if store_axis is not None and store:
+        given = "--store" if store_override is not None else "the top-level store"
+        raise GridError(f"grid.store: the grid's stores are an axis, so {given} has no place; "
+                        "give the stores in grid.store only (or drop the axis)")  # fmt: skip
+    if not store and store_axis is None:
         raise GridError("store: missing; give the feature store in the grid file or on the command line")
     if not out:
         raise GridError("out: missing; give the output folder in the grid file or on the command line")
 
     base = _overrides(data.get("base"), "base", axis=False)
+    set_by_cli = _overrides(base_override, "--set", axis=False)  # the command line's --set KEY=VALUE
+    base.update(set_by_cli)  # on top of the file's base
     axes: list[tuple[str, tuple]] = []
     for key, values in _mapping(data.get("grid"), "grid").items():
         name, opt = _lookup(key, "grid")
@@ -322,8 +354,11 @@ def _parse(
         if len(set(parsed)) != len(parsed):
             raise GridError(f"{path}: repeated values {vals}")
         if opt.field in base:
-            raise GridError(f"{path}: {name} is also set in base; keep it in one place")
+            where = "by --set" if opt.field in set_by_cli else "in base"
+            raise GridError(f"{path}: {name} is also set {where}; keep it in one place")
         axes.append((opt.field, parsed))
+    if store_axis is not None:
+        store = dict(axes)["store"][0]
 
     configs = tuple(
         _overrides(c, f"configs[{i}]", axis=True) for i, c in enumerate(_list(data.get("configs") or [], "configs"))
@@ -440,11 +475,13 @@ def _is_option(key: Any) -> bool:
 
 
 def load_grid(
-    path, *, store_override=None, out_override=None, cache_override=None, device_override=None, launcher_override=None
-) -> GridConfig:
+    path, *, store_override=None, out_override=None, cache_override=None, device_override=None, launcher_override=None,
+    base_override=None,
+) -> GridConfig:  # fmt: skip
     """Read and validate a grid YAML file; the ``*_override`` values (the command line's, None
     for not given) replace its ``store``, ``out``, ``cache`` and ``device``; ``launcher_override``
-    maps launcher keys (``partition``, ``time``, ...) given on the command line to their values."""
+    maps launcher keys (``partition``, ``time``, ...) given on the command line to their values;
+    ``base_override`` maps options to values set on top of the file's ``base`` (``--set``)."""
     import yaml
 
     path = Path(path)
@@ -457,6 +494,7 @@ def load_grid(
     return parse_grid(
         data, source=str(path), store_override=store_override, out_override=out_override,
         cache_override=cache_override, device_override=device_override, launcher_override=launcher_override,
+        base_override=base_override,
     )  # fmt: skip
 
 
@@ -472,42 +510,70 @@ def _fmt(v: Any) -> str:
 
 
 def _readable(overrides: dict[str, Any]) -> str:
-    name = "-".join(f"{key_name(k)}{_fmt(v)}" for k, v in overrides.items()) or "base"
+    def value(k, v):
+        return Path(v).stem if k == "store" else _fmt(v)  # a store by its file name, not its path
+
+    name = "-".join(f"{key_name(k)}{value(k, v)}" for k, v in overrides.items()) or "base"
     return name[:48].rstrip("-")
 
 
+def cell_head(grid: GridConfig, overrides: dict[str, Any]) -> str:
+    """The head a (non-baseline) cell trains: its own ``head``, else base's, else spool."""
+    return overrides.get("head", grid.base.get("head", "spool"))
+
+
 def train_config(grid: GridConfig, head: str, overrides: dict[str, Any], *, seed: int = 0, out: str = "") -> TrainConfig:
-    """The TrainConfig of one run: base, then the cell's overrides, via dataclasses.replace."""
+    """The TrainConfig of one run: base, then the cell's overrides, via dataclasses.replace;
+    ``head`` last (a baseline's head wins over a head in base)."""
     cfg = TrainConfig(store=grid.store, out=out, head=head, seed=seed, cache=grid.cache,
                       device=grid.device, workers=grid.workers, resume=True)  # fmt: skip
-    return replace(replace(cfg, **grid.base), **overrides)
+    return replace(replace(replace(cfg, **grid.base), **overrides), head=head)
 
 
 def cell_hash(cfg: TrainConfig, fingerprint: str | None) -> str:
     """Hash of what a run computes: the head and every TrainConfig field but where and how
-    it runs, plus the store's fingerprint. Changing base or the store gives new run folders."""
+    it runs (and those the head does not read, ``UNUSED``), plus the store's fingerprint.
+    Changing base or the store gives new run folders."""
     what = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_FIELDS}
     if what["val_from_train"] == 0.0:
         del what["val_from_train"]  # added later: the runs of grids without it keep their folders
+    for name in UNUSED.get(cfg.head, ()):
+        del what[name]
     what.update(head=cfg.head, store=fingerprint)
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def expand(grid: GridConfig, fingerprint: str | None = None) -> list[Cell]:
+def expand(grid: GridConfig, fingerprint: str | None | dict[str, str | None] = None) -> list[Cell]:
     """Cells in run order: the grid product (first axis outermost) without exclusions, then
-    ``configs``, then baselines. Raises GridError on two cells with the same config."""
+    ``configs``, then baselines. ``fingerprint``: of the store, or a mapping store -> fingerprint
+    (a store axis). Options a cell's head does not read (``UNUSED``) are dropped from its
+    overrides, and a grid cell that then repeats an earlier one is left out (the full head
+    of a grid over range trains once). Raises GridError on two other cells with the same config."""
+    prints = fingerprint if isinstance(fingerprint, dict) else {s: fingerprint for s in grid.stores}
     cells: list[Cell] = []
     names = [f for f, _ in grid.axes]
+    product_ids = set()
     for values in itertools.product(*(v for _, v in grid.axes)) if grid.axes else ():
         ov = dict(zip(names, values))
         if any(all(ov[k] in vs for k, vs in rule.items()) for rule in grid.exclude):
             continue
         origin = "grid cell " + ", ".join(f"{key_name(k)}={_fmt(v)}" for k, v in ov.items())
-        cells.append(_cell("grid", "spool", ov, origin, grid, fingerprint))
+        cell = _cell("grid", cell_head(grid, ov), _used(grid, ov), origin, grid, prints)
+        if cell.id in product_ids:
+            continue  # differs from an earlier grid cell only in options its head does not read
+        product_ids.add(cell.id)
+        cells.append(cell)
+    # with a store axis, every config and baseline runs on each store (the backbone comparison)
+    on_stores = [{"store": s} for s in grid.stores] if "store" in names else [{}]
     for i, ov in enumerate(grid.configs):
-        cells.append(_cell("config", "spool", ov, f"configs[{i}]", grid, fingerprint))
+        for st in on_stores:
+            ov_st = {**ov, **st}
+            origin = f"configs[{i}]" + (f" on {st['store']}" if st else "")
+            cells.append(_cell("config", cell_head(grid, ov_st), _used(grid, ov_st), origin, grid, prints))
     for i, b in enumerate(grid.baselines):
-        cells.append(_cell("baseline", b, {}, f"baselines[{i}] ({b})", grid, fingerprint))
+        for st in on_stores:
+            origin = f"baselines[{i}] ({b})" + (f" on {st['store']}" if st else "")
+            cells.append(_cell("baseline", b, st, origin, grid, prints))
     seen: dict[str, str] = {}
     for c in cells:
         if c.id in seen:
@@ -518,9 +584,19 @@ def expand(grid: GridConfig, fingerprint: str | None = None) -> list[Cell]:
     return cells
 
 
-def _cell(kind, head, overrides, origin, grid, fingerprint) -> Cell:
-    h = cell_hash(train_config(grid, head, overrides), fingerprint)
-    name = head if kind == "baseline" else _readable(overrides)
+def _used(grid: GridConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    unused = UNUSED.get(cell_head(grid, overrides), ())
+    return {k: v for k, v in overrides.items() if k not in unused}
+
+
+def _cell(kind, head, overrides, origin, grid, fingerprints) -> Cell:
+    cfg = train_config(grid, head, overrides)
+    h = cell_hash(cfg, fingerprints.get(cfg.store))
+    if kind == "baseline":
+        name = "-".join([head, _readable(overrides)]) if overrides else head
+    else:  # the head is named when it is not the Spool head (or it is the only thing set)
+        shown = {k: v for k, v in overrides.items() if k != "head"}
+        name = _readable(shown) if head == "spool" else "-".join(filter(None, [head, _readable(shown) if shown else ""]))
     return Cell(id=f"{name}-{h}", kind=kind, head=head, overrides=overrides, origin=origin)
 
 

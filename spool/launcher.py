@@ -145,7 +145,7 @@ class RunJob:
         affinity = getattr(os, "sched_getaffinity", None)
         torch.set_num_threads(self.threads or (len(affinity(0)) if affinity else os.cpu_count() or 1))
         print(f"spool: run {run.dir} ({run.cell.origin}, seed {run.seed})", flush=True)
-        features = _load_group(grid, run.cfg.token_pool, {run.cfg.head})
+        features = _load_group(grid, run.cfg.store, run.cfg.token_pool, {run.cfg.head})
         try:
             record = _train(run, features)
         finally:

@@ -89,6 +89,18 @@ def token_mask(
     return torch.cat(groups, dim=0)  # (H, S, S)
 
 
+def allowed_pairs(
+    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True
+) -> int:
+    """Query-key token pairs the rule allows, summed over the heads: H * S^2 times the mask's
+    density. What a Spool head's attention costs when only allowed pairs are computed."""
+    _check_split(num_heads, num_lookahead_heads)
+    pairs = 0
+    for lookahead, n in ((False, num_heads - num_lookahead_heads), (True, num_lookahead_heads)):
+        pairs += n * int(frame_mask(num_frames, local_frame_range, lookahead, context_frames).sum()) * num_tokens**2
+    return pairs
+
+
 def spool_mask_mod(num_frames, num_tokens, local_frame_range, num_lookback_heads, context_frames):
     """attention-gym style ``mask_mod(b, h, q_idx, kv_idx)`` for flex_attention."""
     rule = functools.partial(

@@ -8,6 +8,15 @@ patches (B, T, L, D_in)
 
 The attention rule lives in ``spool.mask``; the three backends that compute it in
 ``spool.attention``.
+
+The paper's two references are the same head with another attention (``HeadConfig.attention``),
+so framing, width, depth, MLP and pooling are shared and only who attends whom changes:
+
+- "full": every token attends all F*L tokens (``SelfAttention`` in a BTTBlock): the
+  quadratic reference, one fused SDPA call without a mask.
+- "factorized": ``FactorizedBlock``, spatial then temporal: a token first attends the L tokens
+  of its own frame, then the F tokens at its own position in every frame (F = T+2 with
+  context frames), then the MLP. One more attention layer per block than the others.
 """
 
 from __future__ import annotations
@@ -17,11 +26,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from spool.attention import ATTENTION, BACKENDS
 from spool.mask import num_frames_total
 
 log = logging.getLogger(__name__)
+
+ATTENTIONS = ("spool", "full", "factorized")  # HeadConfig.attention; also the --head names
 
 
 @dataclass(frozen=True)
@@ -39,14 +51,20 @@ class HeadConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     backend: str = "auto"  # auto | flex | blocked | dense
+    # spool: the local-window rule above; full | factorized: the paper's references, for which
+    # num_lookahead_heads, local_frame_range and backend are unused
+    attention: str = "spool"
 
     def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"HeadConfig.attention={self.attention!r} is unknown; use one of {', '.join(ATTENTIONS)}")
         for name in ("in_dim", "num_frames", "num_tokens", "num_classes", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HeadConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"HeadConfig.dim must be >= 1 or None (= in_dim), got {self.dim}")
-        if not 0 <= self.num_lookahead_heads <= self.num_heads:
+        spool = self.attention == "spool"  # the other attentions do not read the head split or the range
+        if spool and not 0 <= self.num_lookahead_heads <= self.num_heads:
             raise ValueError(
                 f"HeadConfig.num_lookahead_heads={self.num_lookahead_heads} must be between 0 and "
                 f"num_heads={self.num_heads} (the other heads look back)"
@@ -56,7 +74,7 @@ class HeadConfig:
                 f"head width dim={self.width} is not divisible by num_heads={self.num_heads}; "
                 f"choose dim as a multiple of num_heads"
             )
-        if self.local_frame_range < 0:
+        if spool and self.local_frame_range < 0:
             raise ValueError(f"HeadConfig.local_frame_range must be >= 0, got {self.local_frame_range}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
@@ -168,6 +186,32 @@ class BidirectionalTemporalAttention(nn.Module):
         return self.dropout(self.proj(y))
 
 
+class SelfAttention(nn.Module):
+    """Plain multi-head self-attention over dim 1 of (N, S, dim): one fused SDPA call, no mask.
+
+    The full head runs it over all S = F*L tokens of a clip (N = B); the factorized head over
+    the L tokens of each frame (N = B*F) and over the F frames at each token position (N = B*L).
+    Its parameters are named as BidirectionalTemporalAttention's (qkv, proj), so a full head's
+    weights load into a Spool head and back.
+    """
+
+    def __init__(self, dim, num_heads, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        N, S, D = x.shape
+        qkv = self.qkv(x).view(N, S, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, S, hd)
+        # N = 0: an empty share of a batch under torchrun (see BidirectionalTemporalAttention)
+        y = F.scaled_dot_product_attention(q, k, v) if N else v  # (N, H, S, hd)
+        y = y.transpose(1, 2).reshape(N, S, D)  # (N, S, dim)
+        return self.dropout(self.proj(y))
+
+
 class MLP(nn.Module):
     def __init__(self, dim, hidden, dropout=0.0):
         super().__init__()
@@ -187,23 +231,62 @@ class BTTBlock(nn.Module):
         super().__init__()
         dim = cfg.width
         self.ln_1 = nn.LayerNorm(dim)
-        self.attn = BidirectionalTemporalAttention(
-            dim,
-            cfg.num_heads,
-            cfg.num_lookahead_heads,
-            cfg.num_frames,
-            cfg.num_tokens,
-            cfg.local_frame_range,
-            cfg.context_frames,
-            backend,
-            cfg.dropout,
-        )
+        if cfg.attention == "full":  # the quadratic reference: every token attends every token
+            self.attn = SelfAttention(dim, cfg.num_heads, cfg.dropout)
+        else:
+            self.attn = BidirectionalTemporalAttention(
+                dim,
+                cfg.num_heads,
+                cfg.num_lookahead_heads,
+                cfg.num_frames,
+                cfg.num_tokens,
+                cfg.local_frame_range,
+                cfg.context_frames,
+                backend,
+                cfg.dropout,
+            )
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # (B, S, dim)
         x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class FactorizedBlock(nn.Module):
+    """Spatial then temporal attention, then the MLP, each pre-norm with a residual
+    (TimeSformer's divided space-time attention, space first):
+
+        x = x + space_attn(LN(x))  # token (f, p) attends (f, q) for every q: its own frame's L tokens
+        x = x + time_attn(LN(x))   # token (f, p) attends (g, p) for every g: its position in all F frames
+        x = x + mlp(LN(x))
+
+    f, g index the F frames (C_start, 1..T, C_end with context frames), p, q the L token
+    positions. One sublayer moves information within a frame or along a position only; the
+    two together reach every token, so one block mixes as far as one full block, in two hops.
+    """
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        dim = cfg.width
+        self.frames = num_frames_total(cfg.num_frames, cfg.context_frames)  # F
+        self.num_tokens = cfg.num_tokens  # L
+        self.ln_space = nn.LayerNorm(dim)
+        self.space_attn = SelfAttention(dim, cfg.num_heads, cfg.dropout)
+        self.ln_time = nn.LayerNorm(dim)
+        self.time_attn = SelfAttention(dim, cfg.num_heads, cfg.dropout)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        Fr, L = self.frames, self.num_tokens
+        h = self.ln_space(x).view(B * Fr, L, D)  # (B*F, L, dim): one sequence per frame
+        x = x + self.space_attn(h).view(B, S, D)
+        h = self.ln_time(x).view(B, Fr, L, D).transpose(1, 2).reshape(B * L, Fr, D)  # (B*L, F, dim): one per position
+        x = x + self.time_attn(h).view(B, L, Fr, D).transpose(1, 2).reshape(B, S, D)
+        x = x + self.mlp(self.ln_2(x))  # (B, S, dim)
         return x
 
 
@@ -238,17 +321,25 @@ class SpoolHead(nn.Module):
 
     The attention backend is resolved here, once, for ``device`` (default: CUDA when
     available, else CPU) and the parameters are placed there. ``needs_grad=False`` allows
-    backend="flex" for inference on CPU.
+    backend="flex" for inference on CPU. ``cfg.attention`` "full" and "factorized" build
+    the paper's references from the same parts; they always use SDPA without a mask.
     """
 
     def __init__(self, cfg: HeadConfig, device=None, needs_grad: bool = True):
         super().__init__()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
-        self.backend = resolve_backend(cfg.backend, device, needs_grad)
-        log.info("SpoolHead attention backend: %s (requested %r, device %s)", self.backend, cfg.backend, device)
         self.framing = ContextFraming(cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
-        self.blocks = nn.ModuleList([BTTBlock(cfg, self.backend) for _ in range(cfg.depth)])
+        if cfg.attention == "spool":
+            self.backend = resolve_backend(cfg.backend, device, needs_grad)
+            log.info("SpoolHead attention backend: %s (requested %r, device %s)", self.backend, cfg.backend, device)
+        else:
+            self.backend = "sdpa"  # no mask: nothing to choose
+        if cfg.attention == "factorized":
+            blocks = [FactorizedBlock(cfg) for _ in range(cfg.depth)]
+        else:  # spool and full: the same block, another attention in it
+            blocks = [BTTBlock(cfg, self.backend) for _ in range(cfg.depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.pool = ContextPooling(cfg.width, cfg.num_classes, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
         self.apply(_init_weights)
         # Variance-preserving input projection: standardised inputs come out at unit scale,

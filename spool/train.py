@@ -46,6 +46,7 @@ from spool.data import FeatureSet, Splits, assign_splits
 from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
 from spool.distributed import TorchrunEnv, rank_device
+from spool.efficiency import PeakMemory, forward_flops, param_count
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
 from spool.progress import make_console
@@ -67,12 +68,12 @@ class ResumeMismatchError(TrainError):
 class TrainConfig:
     store: str
     out: str
-    head: str = "spool"  # "spool" | "mean-linear" | "attentive-probe"
+    head: str = "spool"  # "spool" | "full" | "factorized" | "mean-linear" | "attentive-probe"
     # Spool head (HeadConfig); give at most one of lookahead/lookback, the other is the rest
     num_heads: int = 6
     lookahead: int | None = None  # num_lookahead_heads; neither given: num_heads // 2
     lookback: int | None = None  # num_lookback_heads = num_heads - num_lookahead_heads
-    local_frame_range: int = 2
+    local_frame_range: int | str = 2  # or "all": T - 1, every frame on each head's side
     depth: int = 4
     dim: int | None = None
     context_frames: bool = True
@@ -120,6 +121,7 @@ class EpochRecord:
     lr: float  # at the end of the epoch
     clips_per_s: float  # training throughput, loading included
     select_top1: float | None = None  # video level, on the videos held out of train (--val-from-train)
+    eval_videos_per_s: float | None = None  # evaluation throughput on the eval split, loading included
 
 
 @dataclass
@@ -173,8 +175,14 @@ def resolve_lookahead(num_heads: int, lookahead: int | None, lookback: int | Non
     return n
 
 
+def resolve_range(local_frame_range: int | str, num_frames: int) -> int:
+    """--range as an int; "all" is T - 1, the window that holds every frame on a head's side."""
+    return max(0, num_frames - 1) if local_frame_range == "all" else local_frame_range
+
+
 def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_tokens: int, num_classes: int):
-    if cfg.head == "spool":
+    if cfg.head in ("spool", "full", "factorized"):
+        spool = cfg.head == "spool"  # full and factorized ignore the head split, the range and the backend
         return HeadConfig(
             in_dim=in_dim,
             num_frames=num_frames,
@@ -183,11 +191,12 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
             dim=cfg.dim,
             depth=cfg.depth,
             num_heads=cfg.num_heads,
-            local_frame_range=cfg.local_frame_range,
+            local_frame_range=resolve_range(cfg.local_frame_range, num_frames) if spool else 0,
             context_frames=cfg.context_frames,
             dropout=cfg.dropout,
-            backend=cfg.backend,
-            num_lookahead_heads=resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback),
+            backend=cfg.backend if spool else "auto",
+            num_lookahead_heads=resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback) if spool else 0,
+            attention=cfg.head,
         )
     if cfg.head == "mean-linear":
         return MeanLinearConfig(in_dim=in_dim, num_classes=num_classes, norm=cfg.norm)
@@ -199,16 +208,18 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
             num_heads=cfg.num_heads,
             temporal_embedding=cfg.temporal_embedding,
         )
-    raise TrainError(f"unknown head {cfg.head!r}; expected 'spool', 'mean-linear' or 'attentive-probe'")
+    raise TrainError(f"unknown head {cfg.head!r}; expected one of {sorted(HEAD_INPUTS)}")
 
 
 def _check(cfg: TrainConfig) -> None:
     """The options, checked before the store is read, in train-head's option names."""
     if cfg.head not in HEAD_INPUTS:
         raise TrainError(f"unknown head {cfg.head!r} (--head); expected one of {sorted(HEAD_INPUTS)}")
+    if isinstance(cfg.local_frame_range, str) and cfg.local_frame_range != "all":
+        raise TrainError(f"--range must be an integer >= 0 or 'all', got {cfg.local_frame_range!r}")
     at_least = {"epochs": 1, "batch_size": 1, "num_heads": 1, "depth": 1, "token_pool": 1, "local_frame_range": 0}
     for name, low in at_least.items():
-        if getattr(cfg, name) < low:
+        if getattr(cfg, name) != "all" and getattr(cfg, name) < low:
             raise TrainError(f"{OPTION_NAMES[name]} must be >= {low}, got {getattr(cfg, name)}")
     checks = [
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
@@ -532,6 +543,10 @@ def _run(
         raise TrainError(f"{cfg.store}: the train split holds {len(splits.train)} clip(s); training needs at least 2")
     torch.manual_seed(cfg.seed)  # weights and dropout; batch order comes from (seed, epoch)
     model = build_head(cfg.head, head_cfg, device=device)
+    # What the head costs (spool.efficiency): counted once, on the meta device; memory from here on.
+    cost = {"params": param_count(model), **forward_flops(cfg.head, head_cfg, num_frames=features.num_frames,
+                                                          num_tokens=features.num_tokens)}  # fmt: skip
+    memory = PeakMemory(device)
     if ranks.world_size > 1:
         # Statistics of the global batch, as one process computes them; same state_dict keys.
         sync_batchnorm(model)
@@ -661,7 +676,9 @@ def _run(
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
+        t_eval = time.perf_counter()
         final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
+        eval_time = time.perf_counter() - t_eval  # evaluate ends with the logits on the CPU: synchronised
         select = evaluate(model, inputs, features, splits.select, cfg.batch_size, device, ranks) if len(splits.select) else None
         record = EpochRecord(
             epoch=epoch + 1,
@@ -673,6 +690,7 @@ def _run(
             lr=scheduler.get_last_lr()[0],
             clips_per_s=seen / train_time,
             select_top1=None if select is None else select["top1"],
+            eval_videos_per_s=final["num_videos"] / eval_time,
         )
         history.append(record)
         if select is None:
@@ -687,7 +705,8 @@ def _run(
             if improved:
                 save_checkpoint(best_path, payload)
             save_checkpoint(last_path, payload)
-            _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+            _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final,
+                                                "efficiency": _efficiency(cost, history, memory, device)})  # fmt: skip
         if progress:
             held = "" if select is None else f"  val-from-train top-1 {select['top1']:.3f}"
             console.print(
@@ -701,7 +720,8 @@ def _run(
     if final is None:  # resumed a finished run: report what it ended with
         final = ckpt["eval"]
     if ranks.main:
-        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final,
+                                            "efficiency": _efficiency(cost, history, memory, device)})  # fmt: skip
         plot_curves([asdict(h) for h in history], out / "learning_curves.png")
         plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
     # DDP keeps the ranks' weights equal bit for bit; say so if they are not. This meeting also
@@ -712,6 +732,20 @@ def _run(
             f"training); {out} holds rank 0's"
         )
     return TrainResult(out=out, history=history, final=final, best=best, config=config)
+
+
+def _efficiency(cost: dict, history: list[EpochRecord], memory: PeakMemory, device) -> dict:
+    """metrics.json's "efficiency": parameters and forward FLOPs per clip (spool.efficiency),
+    throughput as the mean over the epochs (of the run so far; loading included), and the
+    peak memory of this process since the run (or its resumed part) started."""
+    eval_rates = [h.eval_videos_per_s for h in history if h.eval_videos_per_s is not None]
+    return {
+        **cost,
+        "train_clips_per_s": float(np.mean([h.clips_per_s for h in history])) if history else None,
+        "eval_videos_per_s": float(np.mean(eval_rates)) if eval_rates else None,
+        **memory.read(),
+        "device": str(device),
+    }
 
 
 def _payload(model, optimizer, scheduler, epoch: int, history, config: dict, final: dict, ranks: Ranks) -> dict:

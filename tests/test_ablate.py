@@ -88,7 +88,8 @@ def test_grid_runs_end_to_end(reference):
     md = (out / "summary.md").read_text()
     assert "★" in md and "mean-linear" in md and "±" in md
     assert {p.name for p in (out / "plots").iterdir()} == {
-        "top1_vs_lookahead.png", "top1_vs_range.png", "top1_vs_params.png", "top1_vs_throughput.png"
+        "top1_vs_lookahead.png", "top1_vs_range.png", "top1_vs_params.png", "top1_vs_throughput.png",
+        "top1_vs_flops.png", "top1_vs_eval_throughput.png",
     }  # fmt: skip
 
 

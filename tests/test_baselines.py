@@ -85,7 +85,8 @@ def test_attentive_probe_matches_a_hand_written_cross_attention():
 
 
 def test_heads_declare_their_inputs_and_rebuild_from_dicts():
-    assert HEAD_INPUTS == {"spool": ("patches",), "mean-linear": ("cls",), "attentive-probe": ("patches",)}
+    assert HEAD_INPUTS == {"spool": ("patches",), "full": ("patches",), "factorized": ("patches",),
+                           "mean-linear": ("cls",), "attentive-probe": ("patches",)}  # fmt: skip
     head = build_head("mean-linear", {"in_dim": D, "num_classes": C, "norm": "layernorm"})
     assert isinstance(head, MeanLinearHead) and head.cfg.norm == "layernorm"
     with pytest.raises(ValueError, match="divisible"):

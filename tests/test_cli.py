@@ -43,6 +43,26 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     assert seen["progress"] is False and seen["dist"] is None  # not under torchrun
 
 
+@pytest.mark.parametrize("head", ["full", "factorized"])
+def test_train_head_takes_the_reference_heads_and_range_all(monkeypatch, tmp_path, head):
+    seen = {}
+
+    class Result:
+        def result_line(self):
+            return "ok"
+
+    def fake_train_head(cfg, *, progress, dist):
+        seen["cfg"] = cfg
+        return Result()
+
+    monkeypatch.setattr("spool.train.train_head", fake_train_head)
+    result = runner.invoke(app, ["train-head", str(tmp_path / "f.zarr"), "--head", head, "--range", "all", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (seen["cfg"].head, seen["cfg"].local_frame_range) == (head, "all")
+    bad = runner.invoke(app, ["train-head", str(tmp_path / "f.zarr"), "--range", "most", "-q"])
+    assert bad.exit_code == 2 and "'all'" in bad.output
+
+
 def test_train_head_on_a_missing_store_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["train-head", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 2

@@ -26,7 +26,7 @@ from test_ablate import BASE, read_csv, store  # noqa: F401  (store: the same ti
 from typer.testing import CliRunner
 
 import spool.launcher
-from spool.ablate import load_grid, plan_ablation, run_ablation
+from spool.ablate import TIMING_COLUMNS, load_grid, plan_ablation, run_ablation
 from spool.cli.app import app
 from spool.grid import GridError, LauncherConfig, parse_grid
 from spool.launcher import LauncherError, RunJob, executor_parameters
@@ -151,7 +151,7 @@ def test_jobs_give_the_local_launchers_results_and_resume(store, tmp_path, one_t
     out = tmp_path / "b"
     assert read_csv(out / "results.csv") == read_csv(tmp_path / "a" / "results.csv")
     assert train_losses(out) == train_losses(tmp_path / "a")
-    untimed = [[{k: v for k, v in c.items() if k != "clips_per_s"} for c in s] for s in (local.summary, jobs.summary)]
+    untimed = [[{k: v for k, v in c.items() if k not in TIMING_COLUMNS} for c in s] for s in (local.summary, jobs.summary)]
     assert untimed[0] == untimed[1]
     first = job_ids(out)
     assert len(set(first.values())) == 3 and (out / "slurm" / f"{first[local.rows[0]['cell'] + '-seed0']}_0_log.out").exists()

@@ -147,3 +147,92 @@ def test_output_depends_on_frame_order(num_lookahead_heads):
     with torch.no_grad():
         one_block.framing.time_embed.zero_()
         torch.testing.assert_close(one_block(x), one_block(x.flip(1)))
+
+
+# --- the paper's references: full and factorized space-time attention ----------------------
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+@pytest.mark.parametrize("context", [True, False])
+def test_reference_heads_shapes_and_gradients(attention, context):
+    cfg = tiny(attention=attention, context_frames=context)
+    model = SpoolHead(cfg, device="cpu")
+    logits = model(patches(cfg, batch=3))
+    assert logits.shape == (3, cfg.num_classes)
+    logits.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert model.backend == "sdpa"
+
+
+def test_reference_heads_ignore_the_head_split_and_the_range():
+    # values a Spool head would refuse are not read by the references
+    SpoolHead(tiny(attention="full", num_lookahead_heads=9, local_frame_range=-1), device="cpu")
+    with pytest.raises(ValueError, match="attention='sparse' is unknown"):
+        tiny(attention="sparse")
+
+
+def test_full_head_equals_the_dense_backend_with_an_all_true_mask(monkeypatch):
+    import spool.attention
+
+    cfg = tiny()
+    full = SpoolHead(dataclasses.replace(cfg, attention="full"), device="cpu").eval()
+    dense = SpoolHead(dataclasses.replace(cfg, backend="dense"), device="cpu").eval()
+    dense.load_state_dict(full.state_dict())  # same parameter names: same weights
+    S = (cfg.num_frames + 2) * cfg.num_tokens
+    monkeypatch.setattr(spool.attention, "token_mask", lambda *a, **k: torch.ones(cfg.num_heads, S, S, dtype=torch.bool))
+    x = patches(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), dense(x))
+        monkeypatch.undo()  # and the Spool rule does change the result
+        assert not torch.allclose(full(x), dense(x))
+
+
+def _reach(block, x, frame, pos, L):
+    """(F, L) bool: which tokens of ``block``'s output change when input token (frame, pos) does."""
+    y = x.clone()
+    y[0, frame * L + pos] += torch.randn(x.shape[-1], dtype=x.dtype)  # not a constant: LayerNorm would remove it
+    with torch.no_grad():
+        changed = (block(y) - block(x)).abs().amax(-1) > 1e-12  # (1, S), in float64
+    return changed.view(-1, L)
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_factorized_block_mixes_within_a_frame_then_along_a_position(context):
+    from spool.model import FactorizedBlock
+
+    cfg = tiny(attention="factorized", context_frames=context)
+    F, L = cfg.num_frames + 2 * context, cfg.num_tokens
+    x = torch.randn(1, F * L, cfg.width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    frame, pos = 2, 1
+    own_frame = torch.zeros(F, L, dtype=torch.bool)
+    own_frame[frame] = True
+    own_position = torch.zeros(F, L, dtype=torch.bool)
+    own_position[:, pos] = True
+
+    torch.manual_seed(0)
+    block = FactorizedBlock(cfg).double().eval()
+    # the whole block: within the frame, then along every position of that frame: every token
+    assert _reach(block, x, frame, pos, L).all()
+    # its sublayers alone (the others' output projections zeroed)
+    space_only, time_only = FactorizedBlock(cfg).double().eval(), FactorizedBlock(cfg).double().eval()
+    space_only.load_state_dict(block.state_dict())
+    time_only.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        for b, off in ((space_only, b"time"), (time_only, b"space")):
+            attn = b.time_attn if off == b"time" else b.space_attn
+            for lin in (attn.proj, b.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    assert torch.equal(_reach(space_only, x, frame, pos, L), own_frame)  # the L tokens of its frame
+    assert torch.equal(_reach(time_only, x, frame, pos, L), own_position)  # its position in all F frames
+
+
+def test_checkpoint_head_name_and_attention_must_agree():
+    from spool.checkpoint import CheckpointError, build_head
+
+    assert build_head("full", dataclasses.asdict(tiny(attention="full"))).cfg.attention == "full"
+    with pytest.raises(CheckpointError, match="must agree"):
+        build_head("factorized", dataclasses.asdict(tiny()))
+    legacy = {k: v for k, v in dataclasses.asdict(tiny()).items() if k != "attention"}  # written before attention
+    assert build_head("spool", legacy).cfg.attention == "spool"

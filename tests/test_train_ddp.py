@@ -68,7 +68,8 @@ def assert_same_run(a: Path, b: Path):
     assert ma["final"] == mb["final"] and ma["best"] == mb["best"]
     for ea, eb in zip(ma["epochs"], mb["epochs"], strict=True):
         assert eb.pop("train_loss") == pytest.approx(ea.pop("train_loss"), rel=1e-6)
-        ea.pop("clips_per_s"), eb.pop("clips_per_s")
+        for timing in ("clips_per_s", "eval_videos_per_s"):
+            ea.pop(timing), eb.pop(timing)
         assert ea == eb
 
 
@@ -147,6 +148,8 @@ def test_batch_shards_are_the_batch(store):
 
 
 def test_every_head_runs_an_empty_share_and_reaches_every_weight():
+    import dataclasses
+
     from spool.baselines import AttentiveProbe, AttentiveProbeConfig, MeanLinearConfig, MeanLinearHead
     from spool.model import HeadConfig, SpoolHead
 
@@ -155,6 +158,8 @@ def test_every_head_runs_an_empty_share_and_reaches_every_weight():
     probe = AttentiveProbeConfig(in_dim=8, num_classes=3, num_frames=4, num_heads=2, temporal_embedding=True)
     heads = [
         (SpoolHead(spool, device="cpu"), "patches"),
+        (SpoolHead(dataclasses.replace(spool, attention="full"), device="cpu"), "patches"),
+        (SpoolHead(dataclasses.replace(spool, attention="factorized"), device="cpu"), "patches"),
         (AttentiveProbe(probe), "patches"),
         (MeanLinearHead(MeanLinearConfig(in_dim=8, num_classes=3)), "cls"),
     ]
