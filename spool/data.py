@@ -10,6 +10,7 @@ only the first epoch touches the disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import warnings
@@ -91,23 +92,23 @@ def _draw_held_out(
     n_splits = max(2, int(round(1.0 / fraction)))
     groups = video_index[usable]
     num_videos = len(np.unique(groups))
-    if num_videos < n_splits:
-        raise FeatureSetError(
-            f"{option} {fraction:g} needs at least {n_splits} finished videos, "
-            f"the store has {num_videos}; extract more videos or raise {option}"
-        )
     _, first = np.unique(groups, return_index=True)
     most = int(np.bincount(label[usable][first].astype(np.int64)).max())  # videos of the largest class
-    if np.bincount(label[usable].astype(np.int64)).max() < n_splits:  # scikit-learn counts clips
-        # scikit-learn would fail with "n_splits=5 cannot be greater than the number of members in each class"
-        if most >= 2:
-            fix = f"pass {option} {1 / most:.2f} or more (a split of 1 in {most} videos)"
+    # Too few videos, or scikit-learn's "n_splits=5 cannot be greater than the number of members
+    # in each class" (it counts clips): say what the split needs, what each class has, what to pass.
+    if num_videos < n_splits or np.bincount(label[usable].astype(np.int64)).max() < n_splits:
+        if most >= 2:  # the largest fraction whose 1-in-n split fits the largest class
+            fix = f"pass {option} {math.ceil(100 / most) / 100:g} or more (a split of 1 in {most} videos)"
         else:
-            fix = "extract more videos of the classes with one video"
+            fix = "extract more videos: every class has one"
+        if option == "--val-fraction":
+            fix = f"Give the store a split (`spool extract --split-file`), or {fix}"
+        else:  # drawn out of the train split, which a split file does not change
+            fix = f"{fix[0].upper()}{fix[1:]}, or leave {option} out"
         raise FeatureSetError(
             f"{option} {fraction:g} holds out 1 in {n_splits} videos of each class, so the classes need at least "
-            f"{n_splits} finished videos; videos per class: {_class_counts(groups, label[usable], class_names)}. "
-            f"Give the store a split (`spool extract --split-file`), or {fix}"
+            f"{n_splits} finished videos; videos per class: {_class_counts(groups, label[usable], class_names)} "
+            f"({num_videos} in all). {fix}"
         )
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
@@ -209,10 +210,10 @@ def pooled_num_tokens(num_tokens: int, token_pool: int) -> int:
     """L' = (g / P)^2 for an L = g x g patch grid; raises when the pooling does not tile it."""
     g = int(round(num_tokens**0.5))
     if g * g != num_tokens:
-        raise FeatureSetError(f"token_pool needs a square patch grid, but L = {num_tokens} is not a square")
+        raise FeatureSetError(f"--token-pool needs a square patch grid, but L = {num_tokens} tokens per frame is not a square")
     if token_pool < 1 or g % token_pool:
         raise FeatureSetError(
-            f"token_pool = {token_pool} must divide the patch grid side {g} (L = {num_tokens} = {g}x{g})"
+            f"--token-pool {token_pool} must divide the patch grid side {g} (L = {num_tokens} = {g}x{g} tokens per frame)"
         )
     return (g // token_pool) ** 2
 
@@ -345,12 +346,12 @@ class FeatureSet:
         need = self.nbytes
         if cache == "gpu":
             if self.device.type != "cuda" or not torch.cuda.is_available():
-                raise FeatureSetError(f"cache='gpu' needs a CUDA device, got device={self.device}")
+                raise FeatureSetError(f"--cache gpu needs a CUDA device; this run's --device is {self.device}")
             free, _ = torch.cuda.mem_get_info(self.device)
             if need > 0.8 * free:
                 raise FeatureSetError(
-                    f"cache='gpu': the features need {_gib(need)} but the GPU has {_gib(free)} free "
-                    f"(limit 80%); use cache='memory', a larger token_pool, or fewer clips"
+                    f"--cache gpu: the features need {_gib(need)} but the GPU has {_gib(free)} free "
+                    f"(limit 80%); use --cache memory, a larger --token-pool, or fewer clips"
                 )
             return "gpu", f"{_gib(need)} on {self.device} ({_gib(free)} free)"
         if cache == "none":
@@ -361,8 +362,8 @@ class FeatureSet:
         if cache == "memory":
             if need > 0.9 * avail:
                 raise FeatureSetError(
-                    f"cache='memory': the features need {_gib(need)} but only {_gib(avail)} of RAM is "
-                    f"{where} (limit 90%); use cache='none', a larger token_pool, or fewer clips"
+                    f"--cache memory: the features need {_gib(need)} but only {_gib(avail)} of RAM is "
+                    f"{where} (limit 90%); use --cache none, a larger --token-pool, or fewer clips"
                 )
             return "memory", f"{_gib(need)} in RAM ({_gib(avail)} {where})"
         if need <= 0.5 * avail:

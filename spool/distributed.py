@@ -62,7 +62,9 @@ def rank_device(device: str, env: TorchrunEnv):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(device)
+    from spool.device import parse_device
+
+    d = parse_device(device)
     if d.type == "cpu":
         return d
     if d.type != "cuda":

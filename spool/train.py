@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spool.baselines import AttentiveProbeConfig, MeanLinearConfig
+from spool.attention import BACKENDS
+from spool.baselines import NORMS, AttentiveProbeConfig, MeanLinearConfig
 from spool.checkpoint import (
     HEAD_INPUTS,
     build_head,
@@ -42,7 +43,7 @@ from spool.checkpoint import (
     save_checkpoint,
     strip_compile_prefix,
 )
-from spool.data import FeatureSet, Splits, assign_splits
+from spool.data import CACHE_MODES, FeatureSet, Splits, assign_splits
 from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
 from spool.distributed import TorchrunEnv, rank_device
@@ -181,6 +182,7 @@ def resolve_range(local_frame_range: int | str, num_frames: int) -> int:
 
 
 def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_tokens: int, num_classes: int):
+    _check_width(cfg, in_dim)
     if cfg.head in ("spool", "full", "factorized"):
         spool = cfg.head == "spool"  # full and factorized ignore the head split, the range and the backend
         return HeadConfig(
@@ -211,6 +213,22 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
     raise TrainError(f"unknown head {cfg.head!r}; expected one of {sorted(HEAD_INPUTS)}")
 
 
+def _check_width(cfg: TrainConfig, in_dim: int) -> None:
+    """A head width the heads' configs would refuse, said in train-head's options before they
+    say it in their field names (HeadConfig.dim, num_heads)."""
+    if cfg.head in ("spool", "full", "factorized") and (cfg.dim or in_dim) % cfg.num_heads:
+        width = f"--dim {cfg.dim}" if cfg.dim else f"the features' width {in_dim} (the default --dim)"
+        raise TrainError(
+            f"{width} is not divisible by --heads {cfg.num_heads}; pass a --heads that divides it, or a --dim "
+            "that is a multiple of --heads"
+        )
+    if cfg.head == "attentive-probe" and in_dim % cfg.num_heads:
+        raise TrainError(
+            f"--head attentive-probe attends over the features' width {in_dim}, which --heads {cfg.num_heads} "
+            "does not divide; pass a --heads that divides it"
+        )
+
+
 def _check(cfg: TrainConfig) -> None:
     """The options, checked before the store is read, in train-head's option names."""
     if cfg.head not in HEAD_INPUTS:
@@ -231,6 +249,9 @@ def _check(cfg: TrainConfig) -> None:
         (cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 turns clipping off), got {cfg.grad_clip}"),
         (0.0 < cfg.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {cfg.val_fraction}"),
         (0.0 <= cfg.val_from_train < 1.0, f"--val-from-train must be in [0, 1) (0: off), got {cfg.val_from_train}"),
+        (cfg.backend in ("auto", *BACKENDS), f"--backend must be one of auto, {', '.join(BACKENDS)}; got {cfg.backend!r}"),
+        (cfg.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}; got {cfg.cache!r}"),
+        (cfg.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}; got {cfg.norm!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -239,11 +260,18 @@ def _check(cfg: TrainConfig) -> None:
         resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback)
 
 
-# TrainConfig field -> train-head option, for messages
+# TrainConfig field -> train-head option, for messages (the others are "--" + the field, dashed)
 OPTION_NAMES = {
     "epochs": "--epochs", "batch_size": "--batch-size", "num_heads": "--heads", "depth": "--depth",
     "token_pool": "--token-pool", "local_frame_range": "--range",
 }  # fmt: skip
+
+
+def option_diff(key: str, saved, asked) -> str:
+    """One differing TrainConfig field, in train-head's option names: '--range (saved 2, asked 1)'."""
+    if key == "context_frames":  # the option is its negation
+        return f"--no-context (saved {not saved}, asked {not asked})"
+    return f"{OPTION_NAMES.get(key, '--' + key.replace('_', '-'))} (saved {saved!r}, asked {asked!r})"
 
 
 # --- optimisation -------------------------------------------------------------------------
@@ -430,7 +458,7 @@ def _run_folder_problem(cfg: TrainConfig, out: Path, fingerprint: str | None) ->
     except (OSError, ValueError, KeyError, AttributeError):
         return f"{out} holds a config.json that is not a Spool run's; pass --overwrite to replace it, or another --out"
     wanted = asdict(cfg)
-    diff = [f"{k} (saved {saved_train.get(k, TRAIN_DEFAULTS.get(k))!r}, asked {wanted.get(k)!r})"
+    diff = [option_diff(k, saved_train.get(k, TRAIN_DEFAULTS.get(k)), wanted.get(k))
             for k in _diff_keys(saved_train, wanted)]  # fmt: skip
     if saved_store != fingerprint:
         diff.append(f"the store (saved fingerprint {saved_store}, {cfg.store} has {fingerprint})")
@@ -568,7 +596,7 @@ def _run(
     ckpt = ranks.broadcast(load_checkpoint(last_path) if ranks.main and cfg.resume and last_path.exists() else None)
     if ckpt is not None:
         saved, wanted = ckpt["train"], asdict(cfg)
-        diff = [f"{k} (saved {saved.get(k)!r}, asked {wanted.get(k)!r})" for k in _diff_keys(saved, wanted)]
+        diff = [option_diff(k, saved.get(k, TRAIN_DEFAULTS.get(k)), wanted.get(k)) for k in _diff_keys(saved, wanted)]
         if ckpt["store"].get("fingerprint") != features.fingerprint:
             diff.append(f"store fingerprint (saved {ckpt['store'].get('fingerprint')}, store has {features.fingerprint})")
         if diff:

@@ -89,7 +89,7 @@ def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
     backend = backend_for(path)
     path = Path(path)
     if not path.exists():
-        raise StoreError(f"no store at {path}; create it with `spool extract` (create_store)")
+        raise StoreError(f"no store at {path}; create it with `spool extract SRC --out {path}`")
     if backend == "zarr":
         from spool.stores.zarr_store import ZarrFeatureStore as Backend
     else:

@@ -149,7 +149,9 @@ class HDF5FeatureStore(SlotStore):
                 # must be able to open while `spool extract` writes (and within the same process).
                 self._file = _open_writer(self.path) if mode == "a" else h5py.File(self.path, "r", locking=False)
             except OSError as e:
-                raise StoreError(f"{self.path} cannot be opened as HDF5 ({e}); create it with create_store") from None
+                raise StoreError(
+                    f"{self.path} cannot be opened as HDF5 ({e}); create it with `spool extract SRC --out {self.path}`"
+                ) from None
             try:
                 self.attrs = {k: json.loads(v) for k, v in self._file.attrs.items()}
             except (TypeError, ValueError):

@@ -128,7 +128,10 @@ class ZarrFeatureStore(SlotStore):
             raise StoreError(f"mode must be 'r' (read) or 'a' (append/resume), got {mode!r}")
         attrs = read_group_attrs(self.path)
         if attrs is None:
-            raise StoreError(f"{self.path} is not a zarr v3 group (no readable zarr.json); create it with create_store")
+            raise StoreError(
+                f"{self.path} is not a Spool feature store (no readable zarr.json); create it with "
+                f"`spool extract SRC --out {self.path}`"
+            )
         check_schema_attrs(attrs, self.path)
         self.attrs = attrs
         self._lock = _lock

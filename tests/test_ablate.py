@@ -193,9 +193,9 @@ def test_impossible_combination_is_caught_with_the_store_shapes(store, tmp_path)
     grid_error(tmp_path, store, r"grid cell lookahead=3, range=1 with base heads=2.*--lookahead 3 leaves 3 lookahead heads", grid={"lookahead": [0, 3], "range": [1]})
     # dim 8 is not divisible by 3 heads
     no_heads = {k: v for k, v in BASE.items() if k != "heads"}
-    grid_error(tmp_path, store, r"grid cell heads=3 with base .*not divisible by num_heads=3", grid={"heads": [2, 3]}, base=no_heads)
+    grid_error(tmp_path, store, r"grid cell heads=3 with base .*--dim 8 is not divisible by --heads 3", grid={"heads": [2, 3]}, base=no_heads)
     # token_pool 3 does not tile the store's 2 x 2 patch grid
-    grid_error(tmp_path, store, r"configs\[0\].*token_pool", configs=[{"token-pool": 3}])
+    grid_error(tmp_path, store, r"configs\[0\].*--token-pool 3", configs=[{"token-pool": 3}])
     # a store too small to draw a val split of val-fraction 0.2 (5 folds) from
     small = tmp_path / "small.zarr"
     make_store(small, num_videos=3, num_classes=2, T=4, L=4, D=8).close()

@@ -170,3 +170,15 @@ def test_verify_names_a_missing_chunk_and_exits_1(tmp_path):
     report = json.loads(bad.output)
     assert any("patches/c/1/0/0/0" in p["where"] for p in report["problems"])
     assert any(p["video_id"] == "b.mp4" for p in report["problems"])
+
+
+def test_a_path_that_is_not_a_store_says_how_to_make_one(tmp_path):
+    (tmp_path / "empty.zarr").mkdir()  # e.g. a folder made by hand, or by a copy that failed
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    for name in ("missing.zarr", "empty.zarr", "junk.h5"):
+        for command in (["info"], ["train-head", "-q", "--out", str(tmp_path / "run")]):
+            result = runner.invoke(app, [command[0], str(tmp_path / name), *command[1:]])
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2, text
+            assert f"`spool extract SRC --out {tmp_path / name}`" in text and "create_store" not in text, text
+    assert not (tmp_path / "run").exists()

@@ -137,6 +137,27 @@ def test_too_few_videos_per_class_says_what_to_pass_instead():
     assert set(label[s.val]) == {0, 1}
 
 
+def test_fewer_videos_than_the_split_draws_says_the_counts_and_what_to_pass():
+    # 2 + 2 videos: too few for a 1-in-5 split at all (was: "needs at least 5 finished videos, the
+    # store has 4; extract more videos or raise --val-fraction", without the classes or a way out)
+    video, label = np.arange(4), np.array([0, 0, 1, 1])
+    split = np.full(4, NO_SPLIT, np.int8)
+    with pytest.raises(FeatureSetError) as err:
+        assign_splits(split, video, label, np.ones(4, bool), val_fraction=0.2, class_names=["a", "b"])
+    message = str(err.value)
+    assert "need at least 5 finished videos; videos per class: a: 2, b: 2 (4 in all)" in message
+    assert "--split-file" in message and "--val-fraction 0.5 or more" in message
+    assign_splits(split, video, label, np.ones(4, bool), val_fraction=0.5)  # what it says to pass works
+    # held out of train: a split file would not help, leaving the option out does
+    video, label = np.arange(10), np.arange(10) % 2
+    with pytest.raises(FeatureSetError) as err:
+        assign_splits(np.full(10, NO_SPLIT, np.int8), video, label, np.ones(10, bool), val_fraction=0.5,
+                      val_from_train=0.2, class_names=["a", "b"])  # fmt: skip
+    message = str(err.value)
+    assert "--val-from-train 0.2 holds out 1 in 5" in message and "videos per class: a:" in message
+    assert "--split-file" not in message and "or leave --val-from-train out" in message
+
+
 def test_all_unlabeled_says_the_source_had_no_classes():
     with pytest.raises(FeatureSetError, match=r"all 3 finished videos .* unlabeled .*SRC/<class>/<video>"):
         assign_splits(np.full(3, -1), np.arange(3), np.full(3, -1), np.ones(3, bool))
@@ -265,7 +286,7 @@ def test_cls_only_feature_set_never_reads_patches(tmp_path):
 def test_memory_cache_refuses_what_does_not_fit(tmp_path, monkeypatch):
     store = make_store(tmp_path / "s.zarr", num_videos=6)
     monkeypatch.setattr(data, "available_memory_bytes", lambda: 1000)
-    with pytest.raises(FeatureSetError, match="cache='none'"):
+    with pytest.raises(FeatureSetError, match="--cache memory: .*use --cache none"):
         FeatureSet(store, np.arange(12), cache="memory")
     fs = FeatureSet(store, np.arange(12), cache="auto")
     assert fs.cache == "none" and "half" in fs.cache_reason
@@ -302,3 +323,4 @@ def test_gpu_cache_path_agrees_with_memory(tmp_path, monkeypatch):
     for a, b in zip(gpu.batches(np.arange(12), 5, shuffle=True), memory.batches(np.arange(12), 5, shuffle=True)):
         for k in ("patches", "cls", "label", "clip"):
             assert torch.equal(a[k], b[k])
+

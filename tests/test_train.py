@@ -246,7 +246,7 @@ def test_val_from_train_chooses_the_best_epoch_on_held_out_train_videos(tmp_path
 def test_a_run_folder_with_other_options_is_refused_unless_overwrite(store_path, tmp_path):
     out = tmp_path / "run"
     first = train_head(config(store_path, out), progress=False)
-    with pytest.raises(TrainError, match=r"other options; differing: epochs \(saved 2, asked 3\).*--overwrite"):
+    with pytest.raises(TrainError, match=r"other options; differing: --epochs \(saved 2, asked 3\).*--overwrite"):
         train_head(config(store_path, out, epochs=3), progress=False)
     assert json.loads((out / "metrics.json").read_text())["final"] == first.final  # untouched
     train_head(config(store_path, out), progress=False)  # the same options again: allowed
@@ -261,6 +261,15 @@ def test_a_run_folder_with_other_options_is_refused_unless_overwrite(store_path,
         train_head(config(str(other), out, epochs=1, lr=1e-3), progress=False)
 
 
+def test_a_differing_run_is_described_in_option_names():
+    from spool.train import option_diff
+
+    assert option_diff("local_frame_range", 2, 1) == "--range (saved 2, asked 1)"
+    assert option_diff("num_heads", 6, 4) == "--heads (saved 6, asked 4)"
+    assert option_diff("context_frames", True, False) == "--no-context (saved False, asked True)"
+    assert option_diff("weight_decay", 0.05, 0.1) == "--weight-decay (saved 0.05, asked 0.1)"
+
+
 def test_argument_errors_name_the_option_and_leave_no_run_folder(store_path, tmp_path):
     from typer.testing import CliRunner
 
@@ -273,11 +282,23 @@ def test_argument_errors_name_the_option_and_leave_no_run_folder(store_path, tmp
         (["--heads", "2", "--lookahead", "3"], "--lookahead 3 leaves 3 lookahead heads; it must be between 0 and --heads 2"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--val-from-train", "1"], "--val-from-train must be in [0, 1)"),
+        # found once the store's feature width (8) is known: still in option names, not HeadConfig's fields
+        (["--heads", "3"], "the features' width 8 (the default --dim) is not divisible by --heads 3"),
+        (["--heads", "2", "--dim", "9"], "--dim 9 is not divisible by --heads 2"),
+        (["--head", "attentive-probe", "--heads", "3"], "the features' width 8, which --heads 3 does not divide"),
+        (["--backend", "fast"], "--backend must be one of auto, flex, blocked, dense; got 'fast'"),
+        (["--cache", "disk"], "--cache must be one of auto, none, memory, gpu; got 'disk'"),
+        (["--head", "mean-linear", "--norm", "rms"], "--norm must be one of batchnorm, layernorm, none; got 'rms'"),
+        (["--heads", "2", "--token-pool", "3"], "--token-pool 3 must divide the patch grid side 2"),
+        (["--heads", "2", "--device", "gpu0"], "--device 'gpu0' is not a device; pass auto, cpu, cuda or cuda:N"),
+        (["--heads", "2", "--device", "cpu", "--cache", "gpu"], "--cache gpu needs a CUDA device"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, ["train-head", store_path, "--out", str(out), "-q", *args])
         assert result.exit_code == 2, result.output
-        assert message in " ".join(result.output.split()) and "HeadConfig" not in result.output, result.output
+        text = " ".join(result.output.split())
+        assert message in text, result.output
+        assert not any(word in text for word in ("HeadConfig", "ProbeConfig", "num_heads", "token_pool", "cache=")), text
         assert not out.exists()
     one_class = tmp_path / "one.zarr"
     make_store(one_class, num_videos=6, num_classes=1, T=4, L=4, D=8).close()
