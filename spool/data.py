@@ -384,14 +384,38 @@ class FeatureSet:
         if "patches" in self.inputs:
             if self.token_pool == 1:
                 out["patches"] = self.store.read_patches(clips, out=dest.get("patches"))
+                self._check_not_lost("patches", out["patches"], pos)
             else:
                 raw = self.store.read_patches(clips, out=self._scratch(len(clips)))
+                self._check_not_lost("patches", raw, pos)
                 out["patches"] = pool_tokens(raw, self.token_pool)
                 if "patches" in dest:
                     dest["patches"][...] = out["patches"]
         if "cls" in self.inputs:
             out["cls"] = self.store.read_cls(clips, out=dest.get("cls"))
+            self._check_not_lost("cls", out["cls"], pos)
         return out
+
+    def _check_not_lost(self, name: str, features: np.ndarray, pos: np.ndarray) -> None:
+        """Refuse clips of DONE videos that read as all zeros. An HDF5 store (or a zarr store with
+        compressed chunks) reads a chunk that was never written, or was lost, as zeros without an
+        error; backbone features are never all zero, so training on them would be a silent wrong
+        result. Comparing the bits is about half the cost of copying the batch once."""
+        if not len(pos):
+            return
+        bits = np.ascontiguousarray(features).reshape(len(pos), -1)
+        lost = ~(bits.view(np.uint16) if bits.dtype == np.float16 else bits).any(axis=1)
+        if not lost.any():
+            return
+        clips = self.clip_indices[pos[lost]]
+        ids = self.store.videos().video_id[self.video_index[pos[lost]]]
+        shown = ", ".join(f"clip {c} (video {v!r})" for c, v in list(zip(clips.tolist(), ids))[:3])
+        more = f" and {len(clips) - 3} more" if len(clips) > 3 else ""
+        raise FeatureSetError(
+            f"{self.store_path}: the {name} of {shown}{more} read as all zeros, but the videos are DONE: their "
+            f"chunks were lost and the store is damaged. `spool verify --repair {self.store_path}` marks the damaged "
+            "videos pending; then re-run the same `spool extract` command to extract them again"
+        )
 
     def _scratch(self, n: int) -> np.ndarray:
         shape = (n, self.num_frames, self.store.num_tokens, self.dim)

@@ -324,3 +324,33 @@ def test_gpu_cache_path_agrees_with_memory(tmp_path, monkeypatch):
         for k in ("patches", "cls", "label", "clip"):
             assert torch.equal(a[k], b[k])
 
+
+@pytest.mark.parametrize("token_pool", [1, 2])
+def test_a_lost_clip_of_a_done_video_in_hdf5_is_refused_by_the_loader_and_repaired(tmp_path, token_pool):
+    """HDF5 reads a clip whose bytes never reached the disk as zeros, without an error (zarr's
+    missing chunk file raises in the store itself): the loader refuses such a clip, and
+    `spool verify --repair` marks its video pending, after which the rest trains."""
+    import h5py
+
+    from spool.stores import DONE, PENDING
+    from spool.stores.verify import repair, verify
+
+    path = tmp_path / "s.h5"
+    make_store(path, num_videos=6, clips_per_video=2, L=16).close()
+    with h5py.File(path, "r+", locking=False) as f:
+        f["patches"][7] = 0  # video 3's second clip
+        f["cls"][7] = 0
+    with open_store(path) as store:
+        for cache, inputs in (("none", ("patches",)), ("memory", ("patches",)), ("memory", ("cls",))):
+            with pytest.raises(FeatureSetError, match=r"clip 7 \(video 'v003.mp4'\) read as all zeros.*verify --repair"):
+                fs = FeatureSet(store, np.arange(12), cache=cache, inputs=inputs, token_pool=token_pool, workers=0)
+                list(fs.batches(np.arange(12), 4))
+        fine = FeatureSet(store, [0, 1, 2, 3], cache="none", token_pool=token_pool, workers=0)
+        assert len(list(fine.batches([0, 1, 2, 3], 4))) == 1  # the undamaged clips read as before
+    assert repair(path, verify(path)) == ["v003.mp4"]
+    with open_store(path) as store:
+        t = store.clips()
+        assert store.videos().status[3] == PENDING and (np.delete(store.videos().status, 3) == DONE).all()
+        done = np.flatnonzero(t.done)
+        fs = FeatureSet(store, done, cache="memory", token_pool=token_pool)
+        assert sum(len(b["label"]) for b in fs.batches(done, 4)) == 10
