@@ -104,6 +104,11 @@ CONTENT_KEYS = (
     "backbone", "timm_name", "weights", "image_size", "crop_pct", "interpolation", "token_pool", "frames", "stride",
     "clips", "decoder",
 )  # fmt: skip
+# ... as `spool extract`'s options, for messages (the others are "--" + the key)
+CONTENT_OPTIONS = {
+    "timm_name": "--backbone (its timm name)", "image_size": "--size", "crop_pct": "--crop-pct",
+    "token_pool": "--token-pool",
+}  # fmt: skip
 
 
 @dataclass
@@ -162,7 +167,8 @@ def open_or_create(cfg: ExtractConfig, source: VideoSource, encoder: FrameEncode
         differing = [k for k in CONTENT_KEYS if saved.get(k) != content.get(k)]
         if differing:
             store.close()
-            diffs = "; ".join(f"{k}: store has {saved.get(k)!r}, this run asks {content.get(k)!r}" for k in differing)
+            diffs = "; ".join(f"{CONTENT_OPTIONS.get(k, '--' + k)}: store has {saved.get(k)!r}, this run asks "
+                              f"{content.get(k)!r}" for k in differing)  # fmt: skip
             raise StoreError(
                 f"{out} was extracted with other options ({diffs}). Pass --overwrite to replace it, "
                 "or choose another --out."

@@ -106,8 +106,10 @@ def test_rerun_skips_finished_videos_and_other_options_are_refused(small_toy, sm
     again = _extract(small_toy, copy)
     assert again.done == 0 and again.skipped == 12
     _assert_same_content(small_store, copy)
-    with pytest.raises(StoreError, match="frames: store has 4, this run asks 8"):
+    with pytest.raises(StoreError, match="--frames: store has 4, this run asks 8"):
         _extract(small_toy, copy, frames=8)
+    with pytest.raises(StoreError, match=r"; --size: store has 28, this run asks 42; --token-pool: store has 1, this run asks 3\)"):
+        _extract(small_toy, copy, image_size=42, token_pool=3)  # in option names, not image_size / token_pool
     replaced = _extract(small_toy, copy, frames=2, overwrite=True)
     assert replaced.done == 12
     with open_store(copy) as store:
