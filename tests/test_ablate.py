@@ -333,3 +333,18 @@ def test_val_from_train_in_base_reaches_every_run_and_keeps_other_grids_folders(
     assert all(r.cfg.val_from_train == 0.0 for r in plain_runs)
     # a different selection of the best epoch is a different run, in its own folder
     assert {r.cell.id for r in plain_runs}.isdisjoint({r.cell.id for r in held_runs})
+
+
+def test_the_results_table_off_a_terminal_keeps_every_column_whole(reference, capsys):
+    """A Slurm or nohup log is not a terminal: rich would cut the table to 80 columns there
+    (cell ids and numbers ending in '…'); spool.progress.make_console gives it room instead."""
+    from spool.ablate import _summary_rows, print_summary
+
+    print_summary(reference)  # to stdout, which pytest captures: not a terminal
+    printed = capsys.readouterr().out
+    header, body = _summary_rows(reference)
+    assert len(" | ".join(header)) > 80 or any(len(" | ".join(r)) > 80 for r in body)  # wider than 80 columns
+    assert "…" not in printed
+    for row in body:
+        for value in row:
+            assert value in printed, (value, printed)
