@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Each test runs the suite in a subprocess, which runs every part in a process of its own
+# (up to several minutes of caps under --quick): outside the everyday `-m "not slow"` subset.
+pytestmark = pytest.mark.slow
+
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 PARTS = ["environment", "correctness", "attention", "extraction", "training", "distributed"]
 RESULTS = {"PASS", "FAIL", "NOT MEASURED", "NOT JUDGED"}
