@@ -211,6 +211,9 @@ def load_backbone(
         vit = timm.create_model(arch, pretrained=False, num_classes=0, **size_kwargs)
         identity = WeightsIdentity(source="random", pretrained=False, seed=seed)
     elif weights == "pretrained":
+        # Offline without the weights cached: an error in seconds, not after a minute of hub
+        # retries, for every caller (spool extract checks this earlier too; spool predict does not).
+        check_pretrained_available(backbone)
         try:
             vit = timm.create_model(name, pretrained=True, num_classes=0, **size_kwargs)
         except Exception as err:  # hub/network/cache errors come in many types

@@ -143,6 +143,24 @@ def test_pretrained_weights_fail_fast_when_neither_cache_nor_hub_has_them(tmp_pa
         check_pretrained_available("dinov2_vitb14")  # another model's weights are not in that cache
 
 
+def test_load_backbone_itself_fails_fast_offline_so_predict_does_too(tmp_path, monkeypatch):
+    # spool predict loads a run's hub weights through load_backbone, not through extract's checks
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("spool.backbone.hub_reachable", lambda endpoint: False)
+    real = timm.create_model
+
+    def no_download(*args, pretrained=False, **kwargs):
+        assert not pretrained, "the hub download was tried (a minute of retries offline)"
+        return real(*args, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr("spool.backbone.timm.create_model", no_download)
+    with pytest.raises(WeightsError, match="holds no weights for dinov2_vits14 .* cannot be reached"):
+        load_backbone("dinov2_vits14", weights="pretrained", image_size=28)
+
+
 def test_hub_reachable_opens_a_connection(monkeypatch):
     import socket
 
