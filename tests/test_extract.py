@@ -338,3 +338,28 @@ def test_a_missing_chunk_of_a_done_video_fails_loudly_and_verify_repair_restores
     assert result.done == 2 and result.skipped == 10
     assert verify(damaged).ok
     _assert_same_content(small_store, damaged)
+
+
+def test_a_lost_clip_of_a_done_video_in_hdf5_is_refused_and_verify_repair_restores_the_store(
+    small_toy, small_store, tmp_path
+):
+    """HDF5 reads a lost clip as zeros without an error: training refuses it (spool.data), and
+    verify --repair then the same extract command give the undamaged store back."""
+    import h5py
+
+    from spool.data import FeatureSet, FeatureSetError
+    from spool.stores.verify import verify
+
+    damaged = tmp_path / "damaged.h5"
+    _extract(small_toy, damaged)
+    with h5py.File(damaged, "r+", locking=False) as f:
+        f["patches"][5] = 0  # video 5's only clip: its bytes never reached the disk
+    with open_store(damaged) as store:
+        with pytest.raises(FeatureSetError, match=r"clip 5 .* read as all zeros.*--repair"):
+            FeatureSet(store, np.arange(12), cache="memory")
+    repaired = CliRunner().invoke(app, ["verify", str(damaged), "--repair"])
+    assert repaired.exit_code == 0 and "repaired: 1 videos marked pending" in repaired.output, repaired.output
+    result = _extract(small_toy, damaged)
+    assert result.done == 1 and result.skipped == 11
+    assert verify(damaged).ok
+    _assert_same_content(small_store, damaged)
