@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from spool.progress import make_console
 
@@ -34,11 +35,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    # escape: a path or id holding "[...]" is text, not rich markup (it would vanish from the line)
+    console.print(f"[yellow]warning:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
 def _fail(err: Exception, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    console.print(f"[bold red]error:[/] {escape(str(err))}")
     raise typer.Exit(code)
 
 
@@ -127,7 +129,7 @@ def extract(
             f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s)"
         )
         for video_id, reason in result.failures[:10]:
-            console.print(f"  [red]failed[/] {video_id}: {reason}")
+            console.print(f"  [red]failed[/] {escape(video_id)}: {escape(reason)}")
         if len(result.failures) > 10:
             console.print(f"  ... {len(result.failures) - 10} more; see `spool info {out}`")
         if result.short:
@@ -290,7 +292,7 @@ def verify(
             f"{report.pending} pending), {report.clips_checked} clips checked"
         )
         for p in report.problems[:50]:
-            out.print(f"  [red]{p.kind}[/] {p.where}: {p.message}" + (f" (video {p.video_id})" if p.video_id else ""))
+            out.print(f"  [red]{p.kind}[/] " + escape(f"{p.where}: {p.message}" + (f" (video {p.video_id})" if p.video_id else "")))
         if len(report.problems) > 50:
             out.print(f"  ... {len(report.problems) - 50} more (--json lists them)")
         if report.ok:
@@ -411,7 +413,7 @@ def train_head(
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, CheckpointError) as err:
         _fail(err)
     if rank is None or rank.rank == 0:
-        console.print(result.result_line(), highlight=False, soft_wrap=True)
+        console.print(escape(result.result_line()), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -494,7 +496,7 @@ def predict(
         console.print(line + (f"; written to {out}" if out else ""), highlight=False, soft_wrap=True)
         failed = [p for p in result.predictions if p.status != "ok"]
         for p in failed[:10]:
-            console.print(f"  [red]failed[/] {p.video_id}: {p.error}", highlight=False, soft_wrap=True)
+            console.print(f"  [red]failed[/] {escape(p.video_id)}: {escape(p.error)}", highlight=False, soft_wrap=True)
         if len(failed) > 10:
             console.print(f"  ... {len(failed) - 10} more" + (f" (see {out})" if out else ""))
     if result.predicted == 0:

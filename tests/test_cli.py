@@ -182,3 +182,11 @@ def test_a_path_that_is_not_a_store_says_how_to_make_one(tmp_path):
             assert result.exit_code == 2, text
             assert f"`spool extract SRC --out {tmp_path / name}`" in text and "create_store" not in text, text
     assert not (tmp_path / "run").exists()
+
+
+def test_paths_with_brackets_are_printed_whole(tmp_path):
+    # rich reads "[b]" or "[exp1]" as markup and drops it: an error naming the user's path lost part of it
+    folder = tmp_path / "[exp1]" / "[b]"
+    result = runner.invoke(app, ["info", str(folder / "feats.zarr")])
+    assert result.exit_code == 2
+    assert f"no store at {folder / 'feats.zarr'}" in " ".join(result.output.split()), result.output
