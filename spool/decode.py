@@ -125,6 +125,12 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _av_reason(err: BaseException) -> str:
+    """FFmpeg's own words ("Invalid data found when processing input"), without PyAV's
+    "[Errno 1094995529]" (an AVERROR tag read as a number) and the path the table already names."""
+    return _one_line(Exception(getattr(err, "strerror", None) or err))
+
+
 def _assemble(decoded: dict[int, np.ndarray], indices: np.ndarray, size: int) -> np.ndarray:
     """(clips, T, size, size, 3) from the unique decoded frames; repeated indices share a frame."""
     out = np.empty((*indices.shape, size, size, 3), np.uint8)
@@ -199,9 +205,7 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, transfor
         declared, n = count_frames(path)
         container = av.open(str(path))
     except av.FFmpegError as err:
-        # FFmpeg's own words ("Invalid data found when processing input"), without PyAV's
-        # "[Errno 1094995529]" (an AVERROR tag read as a number) and the path the table already names
-        raise DecodeError(f"not a video: {_one_line(Exception(err.strerror or err))}") from err
+        raise DecodeError(f"not a video: {_av_reason(err)}") from err
     if n <= 0:
         container.close()
         raise DecodeError("zero frames")
@@ -227,7 +231,7 @@ def _read_pyav(path: Path, frames: int, clips: int, stride: int | None, transfor
                 if idx >= last:
                     break
         except av.FFmpegError as err:
-            raise DecodeError(f"truncated or corrupt: decoded {count} of {n} frames, then {_one_line(err)}") from err
+            raise DecodeError(f"truncated or corrupt: decoded {count} of {n} frames, then {_av_reason(err)}") from err
     if len(decoded) < len(wanted):
         raise DecodeError(f"truncated: decoded {count} of {n} frames")
     return DecodedVideo(_assemble(decoded, indices, transform.size), indices, n, fps, "pyav", is_short(n, frames, stride))

@@ -307,3 +307,35 @@ def test_native_decoder_chatter_is_silenced_and_reasons_are_plain(tmp_path, tiny
         with open_store(out) as store:
             errors = [e for e in store.videos().error if e]
         assert len(errors) == 2 and all("Invalid data found when processing input" in e for e in errors), errors
+
+
+def test_an_error_in_the_middle_of_decoding_is_said_without_errno_and_path(tiny_mp4, monkeypatch):
+    import av
+
+    path = tiny_mp4(frames=8)
+    real_open = av.open
+
+    class BreaksAfterTwoFrames:  # a container whose third frame FFmpeg cannot decode
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def decode(self, stream):
+            for i, frame in enumerate(self.container.decode(stream)):
+                if i == 2:
+                    raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input", str(path))
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *a, **k: BreaksAfterTwoFrames(real_open(*a, **k)))
+    with pytest.raises(DecodeError) as err:
+        read_video(path, frames=8, size=16, decoder="pyav")
+    reason = str(err.value)
+    assert reason == "truncated or corrupt: decoded 2 of 8 frames, then Invalid data found when processing input"
