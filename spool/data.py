@@ -77,11 +77,14 @@ class Splits:
 
 
 def _class_counts(videos: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None) -> str:
-    """'walk: 3, run: 2' (videos per class), for messages."""
+    """'walk: 3, run: 2, jump: 0' (videos per class), for messages. With the store's class names,
+    every class is listed, those without a finished video too: often the cause of the message."""
     _, first = np.unique(videos, return_index=True)
     counts = np.bincount(labels[first].astype(np.int64))
-    name = (lambda c: class_names[c]) if class_names is not None and len(class_names) >= len(counts) else (lambda c: f"class {c}")
-    return ", ".join(f"{name(c)}: {n}" for c, n in enumerate(counts) if n)
+    if class_names is not None and len(class_names) >= len(counts):
+        counts = np.bincount(labels[first].astype(np.int64), minlength=len(class_names))
+        return ", ".join(f"{class_names[c]}: {n}" for c, n in enumerate(counts))
+    return ", ".join(f"class {c}: {n}" for c, n in enumerate(counts) if n)
 
 
 def _draw_held_out(

@@ -122,6 +122,9 @@ def test_a_train_split_of_one_class_is_refused_naming_the_classes():
     with pytest.raises(FeatureSetError, match=r"one class only \(run\).*run: 6, jump: 6"):
         assign_splits(codes, video, (video >= 6).astype(int), np.ones(12, bool), class_names=["run", "jump"])
     assign_splits(split, video, video % 2, np.ones(12, bool), val_fraction=0.5)  # two classes train
+    # the store holds a second class, but none of its videos finished: the message names it
+    with pytest.raises(FeatureSetError, match=r"one class only \(walk\).*per class in the store: walk: 6, run: 0"):
+        assign_splits(split, video, video % 2, video % 2 == 0, class_names=["walk", "run"])
 
 
 def test_too_few_videos_per_class_says_what_to_pass_instead():
