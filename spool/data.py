@@ -83,8 +83,10 @@ def _class_counts(videos: np.ndarray, labels: np.ndarray, class_names: Sequence[
     counts = np.bincount(labels[first].astype(np.int64))
     if class_names is not None and len(class_names) >= len(counts):
         counts = np.bincount(labels[first].astype(np.int64), minlength=len(class_names))
-        return ", ".join(f"{class_names[c]}: {n}" for c, n in enumerate(counts))
-    return ", ".join(f"class {c}: {n}" for c, n in enumerate(counts) if n)
+        parts = [f"{class_names[c]}: {n}" for c, n in enumerate(counts)]
+    else:
+        parts = [f"class {c}: {n}" for c, n in enumerate(counts) if n]
+    return ", ".join(parts) if len(parts) <= 20 else ", ".join(parts[:20]) + f", … ({len(parts)} classes)"
 
 
 def _draw_held_out(
