@@ -351,6 +351,19 @@ def train_head(
     depth: Annotated[int, typer.Option(help="BTT blocks.")] = 4,
     dim: Annotated[Optional[int], typer.Option(help="Head width; default the feature width.")] = None,
     no_context: Annotated[bool, typer.Option("--no-context", help="Drop the start/end context frames.")] = False,
+    spatial_embedding: Annotated[
+        bool, typer.Option(help="Learned embedding of each token's position in the frame (spool, full, factorized).")
+    ] = True,
+    correlation: Annotated[
+        str,
+        typer.Option(help="Local correlation: each token's similarity to the tokens within R rows and columns in "
+                          "the frames within --range, as input (spool, full, factorized). 'none': off."),
+    ] = "2",
+    spatial_range: Annotated[
+        str,
+        typer.Option(help="Spool head: attention between clip frames only within R rows and columns of a token's "
+                          "position. 'all': every position."),
+    ] = "all",
     token_pool: Annotated[int, typer.Option(help="Average P x P cached patches at load time.")] = 1,
     norm: Annotated[str, typer.Option(help="mean-linear only: batchnorm | layernorm | none before the linear.")] = "batchnorm",
     temporal_embedding: Annotated[
@@ -402,6 +415,8 @@ def train_head(
         cfg = TrainConfig(
             store=str(store), out=str(out), head=head, num_heads=heads, lookahead=lookahead, lookback=lookback,
             local_frame_range=_range(range_), depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
+            spatial_embedding=spatial_embedding, correlation_range=_int_or(correlation, "none", "--correlation"),
+            spatial_range=_int_or(spatial_range, "all", "--spatial-range"),
             backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
             seed=seed, val_fraction=val_fraction, val_from_train=val_from_train, cache=cache, workers=workers,
@@ -618,6 +633,19 @@ def _range(value: str) -> int | str:
         return int(value)
     except ValueError:
         raise typer.BadParameter(f"expected an integer >= 0 or 'all', got {value!r}", param_hint="--range") from None
+
+
+def _int_or(value: str, word: str, option: str) -> int | None:
+    """An integer >= 0, or ``word`` ("none", "all") for None."""
+    if value == word:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise typer.BadParameter(f"expected an integer >= 0 or '{word}', got {value!r}", param_hint=option)
+    return number
 
 
 def _key_value(option: str) -> tuple[str, str | bool]:

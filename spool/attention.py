@@ -10,6 +10,9 @@ Heads h < num_lookback_heads look back, the rest look ahead (see ``spool.mask``)
 - ``blocked``: SDPA over each frame's gathered key window (k+1 frames plus its own context
   frame), context-frame queries attend everything densely. Cost linear in T, gradients on
   every device.
+
+Every backend takes the spatial window ``spatial_range`` too (None: every position; see
+``spool.mask``).
 """
 
 from __future__ import annotations
@@ -19,27 +22,33 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from spool.mask import block_mask, frame_allowed, token_mask
+from spool.mask import block_mask, frame_allowed, is_context_frame, patch_near, token_mask
 
 BACKENDS = ("flex", "blocked", "dense")
 
 
-def dense_attention(q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames):
+def dense_attention(
+    q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames, spatial_range=None
+):
     mask = token_mask(
-        num_frames, num_tokens, local_frame_range, q.shape[1], num_lookahead_heads, context_frames, device=q.device
-    )  # (H, S, S), broadcast over B
+        num_frames, num_tokens, local_frame_range, q.shape[1], num_lookahead_heads, context_frames, device=q.device,
+        spatial_range=spatial_range,
+    )  # (H, S, S), broadcast over B  # fmt: skip
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 _compiled_flex = None
 
 
-def flex_attention(q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames):
+def flex_attention(
+    q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames, spatial_range=None
+):
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
     bm = block_mask(
-        num_frames, num_tokens, local_frame_range, q.shape[1], num_lookahead_heads, context_frames, device=q.device
-    )
+        num_frames, num_tokens, local_frame_range, q.shape[1], num_lookahead_heads, context_frames, device=q.device,
+        spatial_range=spatial_range,
+    )  # fmt: skip
     if q.device.type == "cuda":
         global _compiled_flex
         if _compiled_flex is None:
@@ -90,7 +99,26 @@ def _window(num_frames, local_frame_range, lookahead, context_frames, device):
     return idx, valid
 
 
-def _blocked_group(q, k, v, *, num_frames, num_tokens, local_frame_range, lookahead, context_frames):
+def _window_token_mask(idx, valid, num_frames, num_tokens, context_frames, spatial_range):
+    """(T, 1 or L, W*L) bool: which gathered keys each clip-frame query may attend.
+
+    Without a spatial window every query of a frame shares its row (broadcast over L); with
+    one, a key in a clip frame must also lie near the query's position (``patch_near``).
+    """
+    L = num_tokens
+    keys = valid.repeat_interleave(L, dim=1)[:, None, :]  # (T, 1, W*L)
+    if spatial_range is None:
+        return keys
+    pos = torch.arange(L, device=idx.device)
+    near = patch_near(pos[:, None], pos[None, :], num_tokens=L, spatial_range=spatial_range)  # (L, L) query x key
+    ctx = is_context_frame(idx, num_frames=num_frames, context_frames=context_frames)  # (T, W)
+    near = near[None, :, None, :] | ctx[:, None, :, None]  # (T, L, W, L)
+    return keys & near.flatten(2)  # (T, L, W*L)
+
+
+def _blocked_group(
+    q, k, v, *, num_frames, num_tokens, local_frame_range, lookahead, context_frames, spatial_range=None
+):
     """Blocked attention for one head group (all heads look the same way)."""
     B, H, S, hd = q.shape
     T, L = num_frames, num_tokens
@@ -100,14 +128,14 @@ def _blocked_group(q, k, v, *, num_frames, num_tokens, local_frame_range, lookah
     W = idx.shape[1]
     kw = kf[:, :, idx].reshape(B, H, T, W * L, hd)  # (B, H, T, W*L, hd)
     vw = vf[:, :, idx].reshape(B, H, T, W * L, hd)
-    mask = valid.repeat_interleave(L, dim=1)[:, None, :]  # (T, 1, W*L), broadcast over B, H and L queries
+    mask = _window_token_mask(idx, valid, T, L, context_frames, spatial_range)  # (T, 1 or L, W*L), broadcast over B, H
     first = 1 if context_frames else 0
     qc = qf[:, :, first : first + T]  # (B, H, T, L, hd) clip-frame queries
     out = F.scaled_dot_product_attention(
         qc.reshape(B, H * T, L, hd),
         kw.reshape(B, H * T, W * L, hd),
         vw.reshape(B, H * T, W * L, hd),
-        attn_mask=mask.repeat(H, 1, 1),  # (H*T, 1, W*L)
+        attn_mask=mask.repeat(H, 1, 1),  # (H*T, 1 or L, W*L)
     ).view(B, H, T, L, hd)
     if not context_frames:
         return out.reshape(B, H, S, hd)
@@ -118,7 +146,9 @@ def _blocked_group(q, k, v, *, num_frames, num_tokens, local_frame_range, lookah
     return out.reshape(B, H, S, hd)
 
 
-def blocked_attention(q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames):
+def blocked_attention(
+    q, k, v, *, num_frames, num_tokens, local_frame_range, num_lookahead_heads, context_frames, spatial_range=None
+):
     H = q.shape[1]
     nb = H - num_lookahead_heads
     outs = []
@@ -135,6 +165,7 @@ def blocked_attention(q, k, v, *, num_frames, num_tokens, local_frame_range, num
                 local_frame_range=local_frame_range,
                 lookahead=lookahead,
                 context_frames=context_frames,
+                spatial_range=spatial_range,
             )
         )
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, H, S, hd)

@@ -78,8 +78,9 @@ def forward_flops(head: str, head_config, *, num_frames: int, num_tokens: int) -
         return {"flops": int(total), "attention_flops": int(counted), "attention_counted": how}
     cfg = head_config
     pairs = allowed_pairs(
-        cfg.num_frames, cfg.num_tokens, cfg.local_frame_range, cfg.num_heads, cfg.num_lookahead_heads, cfg.context_frames
-    )
+        cfg.num_frames, cfg.num_tokens, cfg.local_frame_range, cfg.num_heads, cfg.num_lookahead_heads, cfg.context_frames,
+        cfg.spatial_range,
+    )  # fmt: skip
     S = (cfg.num_frames + 2 * cfg.context_frames) * cfg.num_tokens
     core = 4 * (cfg.width // cfg.num_heads) * pairs * cfg.depth
     return {

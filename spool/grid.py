@@ -28,7 +28,7 @@ BASELINES = ("mean-linear", "attentive-probe", "full", "factorized")
 HEAD_NAMES = ("spool", "full", "factorized", "mean-linear", "attentive-probe")
 # TrainConfig fields a head does not read: left out of its cells' names, hashes and result
 # columns, so that a grid crossing head with range trains the full head once, not per range.
-SPOOL_ONLY = ("lookahead", "lookback", "local_frame_range", "backend")
+SPOOL_ONLY = ("lookahead", "lookback", "local_frame_range", "backend", "spatial_range")
 UNUSED = {"full": SPOOL_ONLY, "factorized": SPOOL_ONLY}
 CACHE_MODES = ("auto", "none", "memory", "gpu")
 
@@ -64,6 +64,9 @@ KEYS: dict[str, Option] = {
     "context": Option("context_frames", bool),
     "no-context": Option("context_frames", bool, invert=True),
     "token-pool": Option("token_pool", int, minimum=1),
+    "spatial-embedding": Option("spatial_embedding", bool),
+    "correlation": Option("correlation_range", int, optional=True, minimum=0),  # null: off
+    "spatial-range": Option("spatial_range", int, optional=True, minimum=0),  # null: every position
     "norm": Option("norm", str, choices=("batchnorm", "layernorm", "none")),
     "temporal-embedding": Option("temporal_embedding", bool),
     "epochs": Option("epochs", int, minimum=1),

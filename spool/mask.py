@@ -25,9 +25,17 @@ Without context frames (``context_frames=False``, the --no-context ablation) the
 are just the clip, indexed 0..T-1, and the rule is the window part alone:
 lookback i-k <= j <= i, lookahead i <= j <= i+k.
 
-Everything the attention backends need is derived from ``frame_allowed``: the dense
-reference mask (``token_mask``), the flex BlockMask (``block_mask``) and, in
-``spool.attention``, the validity of the blocked backend's gathered key windows.
+Spatial window (``spatial_range`` r, off when None): between two clip frames a token at
+grid position p may attend a token at q only when |row(p) - row(q)| <= r and
+|col(p) - col(q)| <= r, on the square grid of L = side^2 tokens (row-major). Context frames
+are untouched: they read, and are read from, every position. Frozen-feature tokens of the
+same object look alike all over a frame, so a correspondence searched over the whole next
+frame is mostly noise; searched near the token's own position it is where the content moved
+(docs/benchmarks.md, "Real features").
+
+Everything the attention backends need is derived from ``frame_allowed`` and
+``patch_near``: the dense reference mask (``token_mask``), the flex BlockMask
+(``block_mask``) and, in ``spool.attention``, the blocked backend's gathered key windows.
 """
 
 from __future__ import annotations
@@ -57,6 +65,43 @@ def frame_allowed(i, j, *, num_frames, local_frame_range, lookahead, context_fra
     return from_context | window | to_own_context
 
 
+def patch_near(p, q, *, num_tokens, spatial_range):
+    """May a token at grid position ``p`` attend one at ``q`` (row-major indices on the square
+    grid of ``num_tokens`` positions) under the spatial window ``spatial_range``?
+
+    Ints or integer tensors, like ``frame_allowed``; None means every position.
+    """
+    if spatial_range is None:
+        return (p == p) & (q == q)  # True, as an int/bool or a tensor of the broadcast shape
+    side = grid_side(num_tokens)
+    return (abs(p // side - q // side) <= spatial_range) & (abs(p % side - q % side) <= spatial_range)
+
+
+def grid_side(num_tokens: int) -> int:
+    """The side of the square token grid (Spool's crops are square); an error otherwise."""
+    side = int(round(num_tokens**0.5))
+    if side * side != num_tokens:
+        raise ValueError(f"a spatial window needs a square token grid; L = {num_tokens} tokens is not a square")
+    return side
+
+
+def is_context_frame(i, *, num_frames, context_frames):
+    """Is frame ``i`` C_start or C_end? (Ints or tensors; always False without context frames.)"""
+    if not context_frames:
+        return i != i
+    return (i == 0) | (i == num_frames + 1)
+
+
+def spatial_token_mask(num_frames, num_tokens, spatial_range, context_frames=True, device=None):
+    """(S, S) bool: the spatial window alone, S = F * L (all True when spatial_range is None)."""
+    F = num_frames_total(num_frames, context_frames)
+    idx = torch.arange(F * num_tokens, device=device)
+    frame, pos = idx // num_tokens, idx % num_tokens
+    near = patch_near(pos[:, None], pos[None, :], num_tokens=num_tokens, spatial_range=spatial_range)
+    ctx = is_context_frame(frame, num_frames=num_frames, context_frames=context_frames)
+    return near | ctx[:, None] | ctx[None, :]
+
+
 def num_frames_total(num_frames: int, context_frames: bool) -> int:
     """F: frames in the attended sequence (T + 2 with C_start and C_end, else T)."""
     return num_frames + 2 if context_frames else num_frames
@@ -77,66 +122,96 @@ def frame_mask(num_frames, local_frame_range, lookahead, context_frames=True, de
 
 
 def token_mask(
-    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True, device=None
+    num_frames,
+    num_tokens,
+    local_frame_range,
+    num_heads,
+    num_lookahead_heads,
+    context_frames=True,
+    device=None,
+    spatial_range=None,
 ):
     """(H, S, S) bool dense reference, S = F * L. Heads h < num_lookback_heads look back."""
     _check_split(num_heads, num_lookahead_heads)
+    spatial = spatial_token_mask(num_frames, num_tokens, spatial_range, context_frames, device)  # (S, S)
     groups = []
     for lookahead, n in ((False, num_heads - num_lookahead_heads), (True, num_lookahead_heads)):
         m = frame_mask(num_frames, local_frame_range, lookahead, context_frames, device)  # (F, F)
-        m = m.repeat_interleave(num_tokens, 0).repeat_interleave(num_tokens, 1)  # (S, S)
+        m = m.repeat_interleave(num_tokens, 0).repeat_interleave(num_tokens, 1) & spatial  # (S, S)
         groups.append(m.expand(n, -1, -1))
     return torch.cat(groups, dim=0)  # (H, S, S)
 
 
 def allowed_pairs(
-    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True
+    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True, spatial_range=None
 ) -> int:
     """Query-key token pairs the rule allows, summed over the heads: H * S^2 times the mask's
     density. What a Spool head's attention costs when only allowed pairs are computed."""
     _check_split(num_heads, num_lookahead_heads)
+    if spatial_range is not None:  # no product form: count the dense mask (small for a FLOP count)
+        return int(
+            token_mask(
+                num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames,
+                spatial_range=spatial_range,
+            ).sum()
+        )  # fmt: skip
     pairs = 0
     for lookahead, n in ((False, num_heads - num_lookahead_heads), (True, num_lookahead_heads)):
         pairs += n * int(frame_mask(num_frames, local_frame_range, lookahead, context_frames).sum()) * num_tokens**2
     return pairs
 
 
-def spool_mask_mod(num_frames, num_tokens, local_frame_range, num_lookback_heads, context_frames):
+def spool_mask_mod(num_frames, num_tokens, local_frame_range, num_lookback_heads, context_frames, spatial_range=None):
     """attention-gym style ``mask_mod(b, h, q_idx, kv_idx)`` for flex_attention."""
     rule = functools.partial(
         frame_allowed, num_frames=num_frames, local_frame_range=local_frame_range, context_frames=context_frames
     )
+    context = functools.partial(is_context_frame, num_frames=num_frames, context_frames=context_frames)
 
     def mask_mod(b, h, q_idx, kv_idx):
         i, j = q_idx // num_tokens, kv_idx // num_tokens
         lookback = (h < num_lookback_heads) & rule(i, j, lookahead=False)
         lookahead = (h >= num_lookback_heads) & rule(i, j, lookahead=True)
-        return lookback | lookahead
+        if spatial_range is None:
+            return lookback | lookahead
+        near = patch_near(q_idx % num_tokens, kv_idx % num_tokens, num_tokens=num_tokens, spatial_range=spatial_range)
+        return (lookback | lookahead) & (near | context(i) | context(j))
 
-    mask_mod.__name__ = f"spool_T{num_frames}_L{num_tokens}_k{local_frame_range}_lb{num_lookback_heads}"
+    window = "" if spatial_range is None else f"_r{spatial_range}"
+    mask_mod.__name__ = f"spool_T{num_frames}_L{num_tokens}_k{local_frame_range}_lb{num_lookback_heads}{window}"
     return mask_mod
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_block_mask(num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, device):
+def _cached_block_mask(
+    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, device, spatial_range
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
     S = num_frames_total(num_frames, context_frames) * num_tokens
     mask_mod = spool_mask_mod(
-        num_frames, num_tokens, local_frame_range, num_heads - num_lookahead_heads, context_frames
+        num_frames, num_tokens, local_frame_range, num_heads - num_lookahead_heads, context_frames, spatial_range
     )
     # B=None: the rule is the same for every clip in the batch.
     return create_block_mask(mask_mod, B=None, H=num_heads, Q_LEN=S, KV_LEN=S, device=device)
 
 
 def block_mask(
-    num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames=True, device="cpu"
+    num_frames,
+    num_tokens,
+    local_frame_range,
+    num_heads,
+    num_lookahead_heads,
+    context_frames=True,
+    device="cpu",
+    spatial_range=None,
 ):
-    """flex_attention BlockMask for all heads, cached per (T, L, k, head split, context, device)."""
+    """flex_attention BlockMask for all heads, cached per (T, L, k, head split, context, device, r)."""
     _check_split(num_heads, num_lookahead_heads)
     return _cached_block_mask(
-        num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, str(device)
-    )
+        num_frames, num_tokens, local_frame_range, num_heads, num_lookahead_heads, context_frames, str(device),
+        spatial_range,
+    )  # fmt: skip
 
 
 def _check_split(num_heads, num_lookahead_heads):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spool.attention import ATTENTION, BACKENDS
-from spool.mask import num_frames_total
+from spool.mask import grid_side, num_frames_total
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,16 @@ class HeadConfig:
     num_heads: int = 6
     num_lookahead_heads: int = 3  # lookback = num_heads - lookahead
     local_frame_range: int = 2  # k
+    # spatial window r between clip frames (spool.mask): a token attends positions within r
+    # rows and columns of its own; None = every position
+    spatial_range: int | None = None
     context_frames: bool = True  # False = the --no-context ablation
+    spatial_embedding: bool = False  # a learned vector per token position, shared by the T frames
+    # local correlation (LocalCorrelation): each frame token also gets its similarity to the
+    # tokens within correlation_range rows and columns in the frames up to correlation_frames
+    # away (train-head: the head's --range); None = off
+    correlation_range: int | None = None
+    correlation_frames: int = 2
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     backend: str = "auto"  # auto | flex | blocked | dense
@@ -76,6 +85,19 @@ class HeadConfig:
             )
         if spool and self.local_frame_range < 0:
             raise ValueError(f"HeadConfig.local_frame_range must be >= 0, got {self.local_frame_range}")
+        if spool and self.spatial_range is not None:
+            if self.spatial_range < 0:
+                raise ValueError(f"HeadConfig.spatial_range must be >= 0 or None, got {self.spatial_range}")
+            grid_side(self.num_tokens)  # a square grid, or a clear error
+        if self.correlation_range is not None:
+            if self.correlation_range < 0:
+                raise ValueError(f"HeadConfig.correlation_range must be >= 0 or None, got {self.correlation_range}")
+            if not 1 <= self.correlation_frames <= self.num_frames - 1:
+                raise ValueError(
+                    f"HeadConfig.correlation_frames={self.correlation_frames} must be between 1 and num_frames - 1 = "
+                    f"{self.num_frames - 1}: the frames each way a token is correlated with"
+                )
+            grid_side(self.num_tokens)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
@@ -111,10 +133,59 @@ def resolve_backend(requested: str, device, needs_grad: bool) -> str:
     return requested
 
 
-class ContextFraming(nn.Module):
-    """(B, T, L, D_in) -> (B, F*L, dim): input standardisation, projection, temporal embedding, C_start/C_end frames."""
+class LocalCorrelation(nn.Module):
+    """(B, T, L, D_in) standardised patches -> (B, T, L, dim): a local cost volume per token.
 
-    def __init__(self, in_dim, dim, num_frames, num_tokens, context_frames):
+    Token p of frame t gets its cosine similarity to the tokens within ``correlation_range``
+    rows and columns of p in each frame t+tau, 0 < |tau| <= frames (zero where that frame or
+    position is outside the clip): 2 * frames * (2r+1)^2 numbers, standardised with dataset
+    statistics, then projected to the head width. Where the content of p went, and from where
+    it came, is what tells the direction of motion (a scene moving left from a scene moving
+    right); frozen-feature tokens of one object look alike all over a frame, so attention must
+    otherwise find that needle itself, and on small data it memorises the content instead
+    (docs/benchmarks.md, "Real features"). The correlation layers of flow networks and of
+    correlation networks for video (Wang et al., CVPR 2020) give it the same way.
+    """
+
+    def __init__(self, in_dim, dim, num_tokens, frames, correlation_range):
+        super().__init__()
+        side = grid_side(num_tokens)
+        r = correlation_range
+        self.offsets = [tau for tau in range(-frames, frames + 1) if tau != 0]
+        rows, cols = torch.arange(num_tokens) // side, torch.arange(num_tokens) % side
+        shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        nbr_rows = torch.stack([rows + dy for dy, _ in shifts], 1)  # (L, n) neighbour row of each token
+        nbr_cols = torch.stack([cols + dx for _, dx in shifts], 1)
+        inside = (nbr_rows >= 0) & (nbr_rows < side) & (nbr_cols >= 0) & (nbr_cols < side)
+        self.register_buffer("neighbours", nbr_rows.clamp(0, side - 1) * side + nbr_cols.clamp(0, side - 1), persistent=False)
+        self.register_buffer("inside", inside.float(), persistent=False)  # (L, n)
+        num_features = len(self.offsets) * len(shifts)
+        self.norm = nn.BatchNorm1d(num_features, affine=False)  # the differences that matter are small
+        self.proj = nn.Linear(num_features, dim)
+
+    def forward(self, x):
+        B, T, L, D = x.shape
+        z = nn.functional.normalize(x, dim=-1)  # (B, T, L, D)
+        t = torch.arange(T, device=x.device)
+        features = []
+        for tau in self.offsets:
+            other = (t + tau).clamp(0, T - 1)
+            valid = ((t + tau >= 0) & (t + tau < T)).to(x.dtype)  # (T,) frame t+tau inside the clip
+            sim = z @ z[:, other].transpose(-1, -2)  # (B, T, L, L) every pair of positions
+            near = torch.gather(sim, 3, self.neighbours.expand(B, T, -1, -1))  # (B, T, L, n)
+            features.append(near * self.inside * valid[:, None, None])
+        c = torch.cat(features, dim=-1)  # (B, T, L, 2*frames*n)
+        c = self.norm(c.flatten(0, 2)).view(B, T, L, -1)
+        return self.proj(c)  # (B, T, L, dim)
+
+
+class ContextFraming(nn.Module):
+    """(B, T, L, D_in) -> (B, F*L, dim): input standardisation, projection, temporal (and
+    optionally spatial) embedding, optionally the local correlation, C_start/C_end frames."""
+
+    def __init__(
+        self, in_dim, dim, num_frames, num_tokens, context_frames, spatial_embedding=False, correlation=None
+    ):
         super().__init__()
         # Frozen ViT features are LayerNormed per token but keep large per-dimension offsets
         # shared by every token, which swamp the small frame-to-frame changes the head must
@@ -127,6 +198,12 @@ class ContextFraming(nn.Module):
         # head starts out blind to order.
         self.time_embed = nn.Parameter(torch.zeros(num_frames, dim))  # one per frame, shared by its L tokens
         nn.init.trunc_normal_(self.time_embed, std=1.0, a=-2.0, b=2.0)
+        # Frame tokens otherwise carry no position of their own: a head could not tell where in
+        # the frame a matching token sits. Small, so it does not drown the content at first.
+        self.space_embed = nn.Parameter(torch.zeros(num_tokens, dim)) if spatial_embedding else None
+        if spatial_embedding:
+            nn.init.trunc_normal_(self.space_embed, std=0.1, a=-0.2, b=0.2)
+        self.correlation = correlation  # LocalCorrelation or None
         if context_frames:
             # Learned start and end frames, shared over the batch, one vector per token position.
             self.start = nn.Parameter(torch.zeros(num_tokens, dim))
@@ -138,7 +215,12 @@ class ContextFraming(nn.Module):
     def forward(self, patches):
         B, T, L, D = patches.shape
         x = self.input_norm(patches.reshape(B * T * L, D)).view(B, T, L, D)
-        x = self.proj(x) + self.time_embed[:, None, :]  # (B, T, L, dim)
+        tokens = self.proj(x) + self.time_embed[:, None, :]  # (B, T, L, dim)
+        if self.space_embed is not None:
+            tokens = tokens + self.space_embed  # (L, dim) broadcast over B and T
+        if self.correlation is not None:
+            tokens = tokens + self.correlation(x)
+        x = tokens
         if self.context_frames:
             start = self.start.expand(B, 1, -1, -1)  # (B, 1, L, dim)
             end = self.end.expand(B, 1, -1, -1)
@@ -160,6 +242,7 @@ class BidirectionalTemporalAttention(nn.Module):
         context_frames,
         backend,
         dropout=0.0,
+        spatial_range=None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -173,6 +256,7 @@ class BidirectionalTemporalAttention(nn.Module):
             local_frame_range=local_frame_range,
             num_lookahead_heads=num_lookahead_heads,
             context_frames=context_frames,
+            spatial_range=spatial_range,
         )
 
     def forward(self, x):
@@ -244,6 +328,7 @@ class BTTBlock(nn.Module):
                 cfg.context_frames,
                 backend,
                 cfg.dropout,
+                cfg.spatial_range,
             )
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), cfg.dropout)
@@ -329,7 +414,15 @@ class SpoolHead(nn.Module):
         super().__init__()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
-        self.framing = ContextFraming(cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames)
+        correlation = None
+        if cfg.correlation_range is not None:
+            correlation = LocalCorrelation(
+                cfg.in_dim, cfg.width, cfg.num_tokens, cfg.correlation_frames, cfg.correlation_range
+            )
+        self.framing = ContextFraming(
+            cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames, cfg.spatial_embedding,
+            correlation,
+        )  # fmt: skip
         if cfg.attention == "spool":
             self.backend = resolve_backend(cfg.backend, device, needs_grad)
             log.info("SpoolHead attention backend: %s (requested %r, device %s)", self.backend, cfg.backend, device)
@@ -344,7 +437,9 @@ class SpoolHead(nn.Module):
         self.apply(_init_weights)
         # Variance-preserving input projection: standardised inputs come out at unit scale,
         # the scale of the temporal embedding, whatever in_dim is.
-        nn.init.trunc_normal_(self.framing.proj.weight, std=cfg.in_dim**-0.5, a=-2 * cfg.in_dim**-0.5, b=2 * cfg.in_dim**-0.5)
+        _variance_preserving(self.framing.proj)
+        if correlation is not None:  # the standardised correlation too: at unit scale, like the content
+            _variance_preserving(correlation.proj)
         self.to(device)
 
     def forward(self, patches):
@@ -361,6 +456,11 @@ class SpoolHead(nn.Module):
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _variance_preserving(linear: nn.Linear) -> None:
+    std = linear.in_features**-0.5
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
 
 
 def _init_weights(module):

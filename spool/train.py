@@ -78,6 +78,13 @@ class TrainConfig:
     depth: int = 4
     dim: int | None = None
     context_frames: bool = True
+    # motion on frozen features (docs/benchmarks.md, "Real features"): a learned embedding of
+    # each token's position in the frame, a local correlation of every token with its
+    # neighbourhood in the frames within --range (None: off), and an optional spatial window
+    # on attention between clip frames (None: every position)
+    spatial_embedding: bool = True
+    correlation_range: int | None = 2
+    spatial_range: int | None = None
     dropout: float = 0.0
     backend: str = "auto"
     token_pool: int = 1
@@ -107,8 +114,12 @@ class TrainConfig:
 # recorded in config.json and the checkpoints, and a run may resume with another one, since
 # the result is the same function of the options (except with dropout, see _run).
 RESUME_FREE_KEYS = ("resume", "overwrite", "cache", "workers", "device", "out", "store")
-# A key that an older Spool did not write into config.json or a checkpoint had its default then.
-TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+# A key that an older Spool did not write into config.json or a checkpoint had its default then:
+# today's default, except for the keys added since with another default.
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)} | {
+    "spatial_embedding": False,
+    "correlation_range": None,
+}
 
 
 @dataclass
@@ -181,6 +192,26 @@ def resolve_range(local_frame_range: int | str, num_frames: int) -> int:
     return max(0, num_frames - 1) if local_frame_range == "all" else local_frame_range
 
 
+def _correlation(cfg: TrainConfig, num_frames: int, num_tokens: int) -> int | None:
+    """correlation_range for HeadConfig, or None where it cannot apply (a one-frame clip, a head
+    whose window is 0 frames). A token grid that is not square is an error (say the option)."""
+    if cfg.correlation_range is None:
+        return None
+    if int(round(num_tokens**0.5)) ** 2 != num_tokens:
+        raise TrainError(
+            f"--correlation {cfg.correlation_range} needs a square token grid; the store's L = {num_tokens} is not "
+            "one. Pass --correlation none"
+        )
+    return cfg.correlation_range if num_frames >= 2 and _reach(cfg, num_frames) >= 1 else None
+
+
+def _reach(cfg: TrainConfig, num_frames: int) -> int:
+    """Frames each way the head's window reaches (full and factorized: the default --range)."""
+    if cfg.head == "spool":
+        return resolve_range(cfg.local_frame_range, num_frames)
+    return TRAIN_DEFAULTS["local_frame_range"]
+
+
 def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_tokens: int, num_classes: int):
     _check_width(cfg, in_dim)
     if cfg.head in ("spool", "full", "factorized"):
@@ -199,6 +230,12 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
             backend=cfg.backend if spool else "auto",
             num_lookahead_heads=resolve_lookahead(cfg.num_heads, cfg.lookahead, cfg.lookback) if spool else 0,
             attention=cfg.head,
+            spatial_embedding=cfg.spatial_embedding,
+            # the correlation reaches as far as the Spool head's window; the references, which
+            # have none, take the default window's reach so their inputs match the default head
+            correlation_range=_correlation(cfg, num_frames, num_tokens),
+            correlation_frames=max(1, min(_reach(cfg, num_frames), num_frames - 1)),
+            spatial_range=cfg.spatial_range if spool else None,
         )
     if cfg.head == "mean-linear":
         return MeanLinearConfig(in_dim=in_dim, num_classes=num_classes, norm=cfg.norm)
@@ -242,6 +279,10 @@ def _check(cfg: TrainConfig) -> None:
     checks = [
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.dim is None or cfg.dim >= 1, f"--dim must be >= 1, got {cfg.dim}"),
+        (cfg.correlation_range is None or cfg.correlation_range >= 0,
+         f"--correlation must be >= 0 or 'none', got {cfg.correlation_range}"),
+        (cfg.spatial_range is None or cfg.spatial_range >= 0,
+         f"--spatial-range must be >= 0 or 'all', got {cfg.spatial_range}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
@@ -263,7 +304,7 @@ def _check(cfg: TrainConfig) -> None:
 # TrainConfig field -> train-head option, for messages (the others are "--" + the field, dashed)
 OPTION_NAMES = {
     "epochs": "--epochs", "batch_size": "--batch-size", "num_heads": "--heads", "depth": "--depth",
-    "token_pool": "--token-pool", "local_frame_range": "--range",
+    "token_pool": "--token-pool", "local_frame_range": "--range", "correlation_range": "--correlation",
 }  # fmt: skip
 
 
