@@ -13,25 +13,26 @@ with the results of an uninterrupted one. A failing run is recorded in its ``err
 and the row's ``error`` column; the others go on, and the next invocation retries it.
 
 With ``launcher: submitit`` (spool.launcher) each run is a cluster job instead, trained by
-the same ``_train`` into the same folders, so the results do not depend on the launcher.
+the same ``spool.runs.train_run`` into the same folders, so the results do not depend on the
+launcher. The dependency runs one way: ablate uses the launchers, both use ``spool.runs``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spool.files import write_json
 from spool.grid import Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
+from spool.runs import Run, is_complete, load_group_features, read_record, train_run
 from spool.train import TrainConfig
 
 __all__ = [
@@ -45,17 +46,7 @@ __all__ = [
     "run_ablation",
 ]
 
-RESULT = "result.json"
-ERROR = "error.json"
 TIMING_COLUMNS = ("clips_per_s", "wall_s")  # differ between runs of the same config
-
-
-@dataclass(frozen=True)
-class Run:
-    cell: Cell
-    seed: int
-    dir: str
-    cfg: TrainConfig
 
 
 @dataclass
@@ -128,63 +119,7 @@ def _fmt_overrides(ov: dict) -> str:
     return ", ".join(f"{key_name(k)}={v}" for k, v in ov.items())
 
 
-def is_complete(run: Run) -> bool:
-    return (Path(run.dir) / RESULT).exists()
-
-
 # --- running ----------------------------------------------------------------------------
-
-
-def _load_group(grid: GridConfig, token_pool: int, heads: set[str], device: str | None = None):
-    """One FeatureSet for every run with this token_pool, holding the inputs all their heads
-    read, on the split every run of the grid shares."""
-    from spool.checkpoint import HEAD_INPUTS
-    from spool.train import load_features
-
-    inputs = tuple(sorted({i for h in heads for i in HEAD_INPUTS[h]}))
-    cfg = train_config(grid, "spool", {"token_pool": token_pool}, seed=grid.split_seed)
-    if device is not None:
-        cfg = replace(cfg, device=device)
-    features, _ = load_features(cfg, inputs=inputs)
-    return features
-
-
-def _train(run: Run, features) -> dict:
-    """Train one run on the shared features; its record, written to result.json (or error.json)."""
-    from spool.checkpoint import build_head
-    from spool.train import train_head
-
-    out = Path(run.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        result = train_head(run.cfg, features=features, progress=False)
-    except Exception as err:  # the grid's boundary: a failing run (OOM, NaN, ...) is recorded, the others go on
-        record = {"status": "failed", "error": f"{type(err).__name__}: {err}", "wall_s": time.perf_counter() - t0}
-        _atomic_json(out / ERROR, record)
-        return record
-    model = build_head(run.cfg.head, result.config["head_config"], device="cpu")
-    record = {
-        "status": "ok",
-        "error": "",
-        "top1": result.final["top1"],
-        "top5": result.final["top5"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "epochs": len(result.history),
-        "best_epoch": result.best["epoch"],
-        "clips_per_s": float(np.mean([h.clips_per_s for h in result.history])),
-        "wall_s": time.perf_counter() - t0,  # of this invocation's part of the run
-        "config": asdict(run.cfg),
-    }
-    _atomic_json(out / RESULT, record)  # last: the run is complete once this file exists
-    (out / ERROR).unlink(missing_ok=True)
-    return record
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 # Worker processes keep one FeatureSet per token_pool, loaded on their first run of it.
@@ -202,10 +137,10 @@ def _worker_run(run: Run) -> dict:
     pool = run.cfg.token_pool
     feats = _WORKER["features"]
     if pool not in feats:
-        feats[pool] = _load_group(_WORKER["grid"], pool, _WORKER["heads"][pool], _WORKER["device"])
+        feats[pool] = load_group_features(_WORKER["grid"], pool, _WORKER["heads"][pool], _WORKER["device"])
     if _WORKER["device"] is not None:
         run = replace(run, cfg=replace(run.cfg, device=_WORKER["device"]))
-    return _train(run, feats[pool])
+    return train_run(run, feats[pool])
 
 
 def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> AblationResult:
@@ -227,7 +162,7 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     pending = [r for r in runs if not is_complete(r)]
     result.skipped = len(runs) - len(pending)
     if dry_run:
-        result.rows = [_row(grid, r, _read_record(r)) for r in runs]
+        result.rows = [_row(grid, r, read_record(r)) for r in runs]
         return result
 
     from spool.progress import make_console
@@ -239,7 +174,7 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     console = make_console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out / "grid.json", grid.to_json())
+    write_json(out / "grid.json", grid.to_json())
     if progress:
         console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; {result.skipped} already complete")
 
@@ -269,10 +204,10 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
         run_jobs(grid, pending, report, on_update=update, console=console, progress=progress)
     elif jobs == 1:
         for pool, group in by_pool.items():
-            features = _load_group(grid, pool, heads_by_pool[pool])
+            features = load_group_features(grid, pool, heads_by_pool[pool])
             try:
                 for r in group:
-                    report(r, _train(r, features))
+                    report(r, train_run(r, features))
             finally:
                 features.store.close()
     elif pending:
@@ -316,16 +251,8 @@ def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
 
 
 def _collect_rows(result: AblationResult) -> None:
-    result.rows = [_row(result.grid, r, _read_record(r)) for r in result.runs]
+    result.rows = [_row(result.grid, r, read_record(r)) for r in result.runs]
     result.summary = summarize(result.grid, result.cells, result.rows)
-
-
-def _read_record(run: Run) -> dict:
-    d = Path(run.dir)
-    for name in (RESULT, ERROR):
-        if (d / name).exists():
-            return json.loads((d / name).read_text())
-    return {"status": "pending", "error": ""}
 
 
 def _row(grid: GridConfig, run: Run, record: dict) -> dict:
@@ -378,7 +305,7 @@ def write_results(result: AblationResult, *, plots: bool = True) -> None:
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     os.replace(tmp, out / "results.csv")
-    _atomic_json(out / "results.json", {"grid": result.grid.to_json(), "runs": rows, "cells": result.summary})
+    write_json(out / "results.json", {"grid": result.grid.to_json(), "runs": rows, "cells": result.summary})
     tmp = out / "summary.md.tmp"
     tmp.write_text(summary_markdown(result))
     os.replace(tmp, out / "summary.md")

@@ -45,6 +45,7 @@ from spool.checkpoint import (
 from spool.data import FeatureSet, Splits, assign_splits
 from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
+from spool.files import write_json
 from spool.distributed import TorchrunEnv, rank_device
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
 from spool.model import HeadConfig
@@ -403,12 +404,6 @@ def _run_folder_problem(cfg: TrainConfig, out: Path, fingerprint: str | None) ->
     )
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
 def train_head(
     cfg: TrainConfig,
     *,
@@ -561,7 +556,7 @@ def _run(
         if cfg.overwrite and not cfg.resume:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-        _atomic_json(out / "config.json", config)
+        write_json(out / "config.json", config)
 
     train_model = model
     if ranks.world_size > 1:
@@ -659,7 +654,7 @@ def _run(
             if improved:
                 save_checkpoint(best_path, payload)
             save_checkpoint(last_path, payload)
-            _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+            write_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
         if progress:
             held = "" if select is None else f"  val-from-train top-1 {select['top1']:.3f}"
             console.print(
@@ -673,7 +668,7 @@ def _run(
     if final is None:  # resumed a finished run: report what it ended with
         final = ckpt["eval"]
     if ranks.main:
-        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
+        write_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final})
         plot_curves([asdict(h) for h in history], out / "learning_curves.png")
         plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
     # DDP keeps the ranks' weights equal bit for bit; say so if they are not. This meeting also
