@@ -441,6 +441,9 @@ def ablate(
     slurm_option: Annotated[
         Optional[list[str]], typer.Option(help="submitit: extra sbatch option KEY=VALUE or KEY (repeat the option).")
     ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Train runs recorded as failed again (a re-run keeps them as failed otherwise).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -450,7 +453,8 @@ def ablate(
     every run), grid (axes whose cartesian product gives the cells), exclude, configs (extra
     cells), seeds, baselines (mean-linear, attentive-probe), launcher. Writes results.csv,
     results.json, summary.md and plots into `out`. With --launcher submitit each run is a
-    Slurm job; Ctrl-C leaves them running and a re-run re-attaches to them.
+    Slurm job; Ctrl-C leaves them running and a re-run re-attaches to them. Failed runs stay
+    failed on a re-run unless --retry-failed. One `spool ablate` at a time per `out`.
     """
     from spool.ablate import print_plan, run_ablation
     from spool.data import FeatureSetError
@@ -469,7 +473,7 @@ def ablate(
     try:
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
                          device_override=device, launcher_override={k: v for k, v in given.items() if v is not None})  # fmt: skip
-        result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
+        result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet, retry_failed=retry_failed)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)
     except KeyboardInterrupt:
@@ -479,8 +483,10 @@ def ablate(
     if dry_run:
         print_plan(result, make_console())
         return
-    if result.failed:
-        console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
+    if result.failed or result.kept_failed:
+        kept = f" ({result.kept_failed} in an earlier invocation, kept as failed: --retry-failed trains them again)"
+        console.print(f"[bold red]{result.failed + result.kept_failed} runs failed[/]{kept if result.kept_failed else ''}; "
+                      f"see {Path(result.out) / 'results.csv'}")  # fmt: skip
         raise typer.Exit(1)
 
 

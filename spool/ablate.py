@@ -10,7 +10,11 @@ process or, with ``jobs > 1``, once per worker process. Each run writes to
 atomically, last): a re-run skips complete runs and continues half-done ones from their
 ``checkpoint_last.pt`` (train_head's resume), so an ablation killed at any moment finishes
 with the results of an uninterrupted one. A failing run is recorded in its ``error.json``
-and the row's ``error`` column; the others go on, and the next invocation retries it.
+and the row's ``error`` column; the others go on. A re-run keeps failed runs as failed (as
+``spool extract`` keeps failed videos) unless ``retry_failed`` asks to train them again.
+
+One process at a time works on an ``out`` folder: ``run_ablation`` holds ``out/.spool-ablate.lock``
+(a flock the kernel drops when the process dies), and a second one is refused naming the first.
 
 With ``launcher: submitit`` (spool.launcher) each run is a cluster job instead, trained by
 the same ``spool.runs.train_run`` into the same folders, so the results do not depend on the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -30,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from spool.files import write_json
+from spool.files import Busy, ProcessLock, write_json
 from spool.grid import Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
-from spool.runs import Run, is_complete, load_group_features, read_record, train_run
+from spool.runs import Run, is_complete, is_failed, load_group_features, read_record, train_run
 from spool.train import TrainConfig
 
 __all__ = [
@@ -47,6 +52,8 @@ __all__ = [
 ]
 
 TIMING_COLUMNS = ("clips_per_s", "wall_s")  # differ between runs of the same config
+LOCK = ".spool-ablate.lock"  # in out: held by the one process working on it
+RETRY_HINT = "`spool ablate --retry-failed` trains them again"
 
 
 @dataclass
@@ -59,6 +66,9 @@ class AblationResult:
     trained: int = 0  # runs finished by this invocation
     skipped: int = 0  # runs already complete
     failed: int = 0  # runs that raised (this invocation)
+    kept_failed: int = 0  # runs that failed in an earlier invocation, not retried (no retry_failed)
+    retried: int = 0  # runs that failed in an earlier invocation, trained again (retry_failed)
+    pending: list[Run] = field(default_factory=list)  # the runs this invocation trains
     dry_run: bool = False
 
     @property
@@ -143,14 +153,18 @@ def _worker_run(run: Run) -> dict:
     return train_run(run, feats[pool])
 
 
-def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> AblationResult:
+def run_ablation(
+    grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True, retry_failed: bool = False
+) -> AblationResult:
     """Validate every cell, then train the runs that are not complete and write the results.
 
     ``jobs > 1`` trains in that many worker processes (spawned; each loads the features
     once per token_pool it meets; on a machine with several GPUs and ``device: auto`` worker
     i uses cuda:i mod n). With ``grid.launcher.name == "submitit"`` each run is a cluster job
     (spool.launcher.run_jobs) and results.csv, results.json and summary.md are rewritten as
-    jobs end. ``dry_run`` validates and plans without training or writing."""
+    jobs end. ``dry_run`` validates and plans without training or writing. Runs that failed
+    in an earlier invocation stay failed unless ``retry_failed``. Raises GridError while
+    another process works on ``grid.out``."""
     if jobs < 1:
         raise GridError(f"jobs must be >= 1, got {jobs}")
     submitit = grid.launcher.name == "submitit"
@@ -159,24 +173,62 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
                         "(launcher.array-parallelism limits how many run at once)")  # fmt: skip
     cells, runs = plan_ablation(grid)
     result = AblationResult(grid=grid, cells=cells, runs=runs, dry_run=dry_run)
-    pending = [r for r in runs if not is_complete(r)]
-    result.skipped = len(runs) - len(pending)
+    _find_pending(result, retry_failed)
     if dry_run:
         result.rows = [_row(grid, r, read_record(r)) for r in runs]
         return result
 
     from spool.progress import make_console
 
-    if submitit and pending:
+    if submitit and result.pending:
         from spool.launcher import require_submitit
 
         require_submitit()  # a missing package is said before anything is written
     console = make_console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_out(out)
+    try:
+        _find_pending(result, retry_failed)  # again: a process before ours may have finished runs meanwhile
+        _run_pending(result, result.pending, jobs, console, progress)
+    finally:
+        lock.release()
+    return result
+
+
+def _find_pending(result: AblationResult, retry_failed: bool) -> None:
+    """The runs to train: not complete, and not failed earlier unless ``retry_failed``."""
+    failed_before = [r for r in result.runs if is_failed(r)]
+    result.pending = [r for r in result.runs if not is_complete(r) and (retry_failed or not is_failed(r))]
+    result.skipped = sum(is_complete(r) for r in result.runs)
+    result.kept_failed = 0 if retry_failed else len(failed_before)
+    result.retried = len(failed_before) if retry_failed else 0
+
+
+def lock_out(out: Path) -> ProcessLock:
+    """Hold ``out/.spool-ablate.lock``, or raise GridError naming the process that holds it:
+    two ablations in one folder would train the same runs twice and race on results.csv."""
+    try:
+        return ProcessLock(out / LOCK, f"PID {os.getpid()} ({' '.join(sys.argv) or 'python'})\n")
+    except Busy as busy:
+        raise GridError(
+            f"{out} is in use by another `spool ablate`, {busy.holder} (lock file {busy.path}); wait for it to "
+            "finish or stop it, then re-run: complete runs are kept"
+        ) from None
+
+
+def _run_pending(result: AblationResult, pending: list[Run], jobs: int, console, progress: bool) -> None:
+    grid, cells, runs, out = result.grid, result.cells, result.runs, result.out
+    submitit = grid.launcher.name == "submitit"
     write_json(out / "grid.json", grid.to_json())
     if progress:
-        console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; {result.skipped} already complete")
+        earlier = ""
+        if result.kept_failed:
+            earlier = f"; {result.kept_failed} failed earlier and are kept as failed ({RETRY_HINT})"
+        elif result.retried:
+            earlier = f"; {result.retried} failed earlier and are trained again (--retry-failed)"
+        console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; "
+                      f"{result.skipped} already complete{earlier}")  # fmt: skip
 
     done = 0
 
@@ -217,8 +269,9 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     write_results(result)
     if progress:
         print_summary(result, console)
+        if result.kept_failed:
+            console.print(f"{result.kept_failed} runs failed in an earlier invocation and were kept as failed; {RETRY_HINT}")
         console.print(f"results in {out}/results.csv, summary.md, plots/")
-    return result
 
 
 def _run_parallel(grid, pending, heads_by_pool, jobs, report) -> None:
@@ -349,7 +402,8 @@ def summary_markdown(result: AblationResult) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in body]
     failed = [r for r in result.rows if r["status"] == "failed"]
     if failed:
-        lines += ["", "Failed runs:", ""] + [f"- {r['cell']} seed {r['seed']}: {r['error']}" for r in failed]
+        lines += ["", "Failed runs (a re-run keeps them as failed; " + RETRY_HINT + "):", ""]
+        lines += [f"- {r['cell']} seed {r['seed']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -377,8 +431,9 @@ def print_plan(result: AblationResult, console=None) -> None:
 
     console = console or make_console()
     g = result.grid
+    kept = f", {result.kept_failed} failed (kept; --retry-failed trains them)" if result.kept_failed else ""
     table = Table(title=f"{len(result.cells)} cells x {len(g.seeds)} seeds = {len(result.runs)} runs "
-                  f"({result.skipped} complete, {len(result.runs) - result.skipped} to train)")  # fmt: skip
+                  f"({result.skipped} complete{kept}, {len(result.pending)} to train)")  # fmt: skip
     for col in ("#", "cell", "head", "overrides", "done"):
         table.add_column(col)
     done = defaultdict(int)
@@ -392,7 +447,7 @@ def print_plan(result: AblationResult, console=None) -> None:
     if g.launcher.name == "submitit":
         from spool.launcher import plan_lines
 
-        for line in plan_lines(g, [r for r in result.runs if not is_complete(r)]):
+        for line in plan_lines(g, result.pending):
             console.print(line, markup=False, highlight=False)
 
 
