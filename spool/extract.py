@@ -32,7 +32,7 @@ from spool.ddp import Ranks, process_group
 from spool.distributed import Shard, TorchrunEnv, rank_device
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
-from spool.stores import StoreError, backend_for, create_store, open_store
+from spool.stores import COMMIT_INTERVAL_S, StoreError, backend_for, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES, StoreBusyError
 from spool.stores.shards import (
     ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards,
@@ -365,11 +365,21 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     write_error: list[BaseException] = []
 
     def writer() -> None:
-        # Runs beside the backbone: store writes (file I/O, chunk encoding) must not stall the GPU.
-        while (item := writes.get()) is not None:
+        # Runs beside the backbone: store writes (file I/O, chunk encoding, fsync) must not stall the GPU.
+        while True:
+            try:
+                item = writes.get(timeout=COMMIT_INTERVAL_S)
+            except queue.Empty:  # nothing to write for a while: commit what waits (the store batches commits)
+                item = "commit"
+            if item is None:
+                break
             if write_error:
                 continue
+            video_index = None
             try:
+                if item == "commit":
+                    store.commit()
+                    continue
                 kind, video_index, payload = item
                 if kind == "done":
                     assembly: _VideoAssembly = payload
@@ -396,8 +406,9 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
                     on_video_written(video_index)
             except OSError as err:  # disk full, quota, I/O error: the commit protocol kept the store whole
                 why = f"[Errno {err.errno}] {os.strerror(err.errno)}" if err.errno else " ".join(str(err).split())
+                at = f"at video {entries[video_index].video_id!r}" if video_index is not None else "committing videos"
                 write_error.append(StoreError(
-                    f"writing {cfg.out} failed at video {entries[video_index].video_id!r}: {why}. "
+                    f"writing {cfg.out} failed {at}: {why}. "
                     "The store keeps every video finished before it (it opens and resumes); "
                     "free space or fix the disk, then re-run the same command."
                 ))
