@@ -10,7 +10,9 @@
    no fsync, durable (commits batched per ``COMMIT_INTERVAL_S``), durable with a commit per
    video (``commit_interval = 0``).
 2. ``spool extract`` end to end on make-toy videos (the setup of benchmarks/extract.py),
-   durable and no-fsync runs alternating, ``--repeats`` of each; frames/s of each run.
+   durable and no-fsync runs alternating in ABBA order, ``--repeats`` of each; frames/s of
+   each run, and the seconds the background writer spent in durable commits (the fsyncs
+   are there, beside the backbone: they slow extraction only if the writer falls behind).
 """
 
 from __future__ import annotations
@@ -66,17 +68,36 @@ def store_writes(folder: Path, suffix: str, videos: int, mode: str) -> float:
     return videos / seconds
 
 
-def extraction(work: Path, args, durable: bool, run: int) -> float:
+COMMIT_SECONDS: list[float] = []
+
+
+def timed_commits() -> None:
+    """Add the time of every store commit to COMMIT_SECONDS."""
+    from spool.stores._common import SlotStore
+
+    real = SlotStore.commit
+
+    def commit(self) -> None:
+        start = time.perf_counter()
+        real(self)
+        COMMIT_SECONDS.append(time.perf_counter() - start)
+
+    SlotStore.commit = commit
+
+
+def extraction(work: Path, args, durable: bool, run: int) -> tuple[float, float]:
+    """frames/s of one run, and the seconds its commits took."""
     from spool.extract import ExtractConfig, run_extract
 
     out = work / f"feats-{run}.zarr"
     cfg = ExtractConfig(source=str(work / "videos"), out=str(out), backbone=args.backbone, weights="random",
                         image_size=args.size, frames=args.frames, workers=args.workers, batch_size=args.batch_size,
                         device=args.device)  # fmt: skip
+    COMMIT_SECONDS.clear()
     with fsync_off(not durable):
         result = run_extract(cfg, progress=False)
     shutil.rmtree(out)
-    return result.frames / result.seconds
+    return result.frames / result.seconds, sum(COMMIT_SECONDS)
 
 
 def main() -> None:
@@ -112,15 +133,20 @@ def main() -> None:
         from spool.toy import make_toy
 
         make_toy(work / "videos", videos_per_class=args.videos // 6, num_frames=48, size=160, seed=0)
-        fps = {True: [], False: []}
+        timed_commits()
+        fps, commit_s = {True: [], False: []}, {True: [], False: []}
         for run in range(args.repeats):
-            for durable in (False, True):
-                fps[durable].append(extraction(work, args, durable, 2 * run + durable))
+            order = (False, True) if run % 2 == 0 else (True, False)  # ABBA: drifting load hits both alike
+            for durable in order:
+                rate, seconds = extraction(work, args, durable, 2 * run + durable)
+                fps[durable].append(rate)
+                commit_s[durable].append(seconds)
         print(f"\nspool extract, {args.videos} toy videos, {args.backbone} at {args.size} px, T={args.frames}, "
-              f"--workers {args.workers}, {args.device}; frames/s per run")  # fmt: skip
-        print("| | runs | median |\n|---|---|---:|")
+              f"--workers {args.workers}, {args.device}; frames/s per run (ABBA order)")  # fmt: skip
+        print("| | frames/s, each run | median | writer's seconds in commits, each run |\n|---|---|---:|---|")
         for durable, name in ((False, "no fsync"), (True, "durable")):
-            print(f"| {name} | {', '.join(f'{x:.1f}' for x in fps[durable])} | {statistics.median(fps[durable]):.1f} |")
+            print(f"| {name} | {', '.join(f'{x:.1f}' for x in fps[durable])} | {statistics.median(fps[durable]):.1f} "
+                  f"| {', '.join(f'{x:.2f}' for x in commit_s[durable])} |")  # fmt: skip
         print(f"durable / no fsync = {statistics.median(fps[True]) / statistics.median(fps[False]):.3f}")
         print(f"load average at end {os.getloadavg()[0]:.2f}")
     finally:
