@@ -73,8 +73,17 @@ def extract(
     stride: Annotated[Optional[int], typer.Option(help="Fixed frame step; default: T frames spread over the video.")] = None,
     clips: Annotated[int, typer.Option(help="Temporal views per video.")] = 1,
     decoder: Annotated[str, typer.Option(help="decord (PyAV as fallback) or pyav.")] = "decord",
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: decode inline).")] = 4,
-    decode_timeout: Annotated[float, typer.Option(help="Seconds before a video's decoder is killed.")] = 120.0,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Decoding processes; 0 decodes inline, without --decode-timeout: a decoder that hangs or "
+                          "crashes in native code then stops the run. Default: from the machine: "
+                          "with a GPU, one per core but one (at most 16), to keep the backbone fed; CPU-only, 0 on "
+                          "1-2 cores (a worker would take a core from the backbone: about 0.6 of inline speed there), "
+                          "else a quarter of the cores. The summary line says the number used."),
+    ] = None,
+    decode_timeout: Annotated[
+        float, typer.Option(help="Seconds before a video's decoder is killed (decode workers only).")
+    ] = 120.0,
     batch_size: Annotated[int, typer.Option(help="Frames per backbone call.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
@@ -124,7 +133,9 @@ def extract(
         who = f"{out} (shard {cfg.shard})" if not cfg.shard.whole else f"{out}"
         console.print(
             f"{who}: {result.done} extracted, {result.failed} failed, {result.skipped} already done "
-            f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s)"
+            f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s, "
+            f"{result.workers or 'no'} decode worker{'s' if result.workers != 1 else ''}"
+            f"{'' if workers is not None else ', the default here'})"
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {video_id}: {reason}")
