@@ -1,6 +1,7 @@
 """Extraction throughput: `spool extract` against the backbone alone and against a naive loop.
 
     python benchmarks/extract.py --videos 24 --size 112 --backbone dinov2_vits14
+    python benchmarks/extract.py --workers auto 0 1 2          # several decode-worker counts, one run
     python benchmarks/extract.py --device cuda --backbone dinov2_vitl14 --size 224   # on a GPU
 
 All three run on the same make-toy videos, side by side in one process:
@@ -13,6 +14,7 @@ The goal is extract / backbone-only >= 0.9: decoding and writing hidden behind t
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -76,7 +78,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", nargs="+", default=["auto"],
+                        help="decode workers per extract run, each run in turn: numbers, or auto (spool's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each --workers value, interleaved")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -91,13 +95,24 @@ def main() -> None:
         read = dict(frames=args.frames, clips=1, stride=None, size=args.size)
         frames = decoded_frames(paths, frames=args.frames, size=args.size)
         num_frames = len(frames)
-        backbone = backbone_fps(encoder, frames, args.batch_size, device)
+        backbone_runs: list[float] = []
 
-        cfg = ExtractConfig(source=str(work / "videos"), out=str(work / "feats.zarr"), backbone=args.backbone,
-                            weights="random", image_size=args.size, frames=args.frames, workers=args.workers,
-                            batch_size=args.batch_size, device=str(device))
-        result = run_extract(cfg, progress=False)
-        extract_fps = result.frames / result.seconds
+        extract_fps: dict[str, list[float]] = {w: [] for w in args.workers}
+        used: dict[str, int] = {}
+        for run in range(args.repeats):
+            # side by side: the backbone alone, then every setting, in reversed order every other
+            # repeat (ABBA), so that load from other jobs drifting over the run hits all of them alike
+            backbone_runs.append(backbone_fps(encoder, frames, args.batch_size, device))
+            for w in args.workers if run % 2 == 0 else args.workers[::-1]:
+                out = work / f"feats-{w}-{run}.zarr"
+                cfg = ExtractConfig(source=str(work / "videos"), out=str(out), backbone=args.backbone,
+                                    weights="random", image_size=args.size, frames=args.frames,
+                                    workers=None if w == "auto" else int(w), batch_size=args.batch_size,
+                                    device=str(device))  # fmt: skip
+                result = run_extract(cfg, progress=False)
+                extract_fps[w].append(result.frames / result.seconds)
+                used[w] = result.workers
+                shutil.rmtree(out)
 
         out = work / "naive"
         out.mkdir()
@@ -113,11 +128,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; backbone {args.backbone} at {args.size} px, T={args.frames}, {len(paths)} videos, "
-          f"batch {args.batch_size}, {args.workers} decode workers")
-    print("| path | frames/s |\n|---|---|")
-    print(f"| backbone only | {backbone:.1f} |\n| spool extract | {extract_fps:.1f} |\n| naive loop | {naive_fps:.1f} |")
-    print(f"extract / backbone-only = {extract_fps / backbone:.2f}   extract / naive = {extract_fps / naive_fps:.2f}")
+    print(f"device: {name}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end; backbone "
+          f"{args.backbone} at {args.size} px, T={args.frames}, {len(paths)} videos, batch {args.batch_size}")
+    backbone = float(np.median(backbone_runs))
+    print(f"backbone only: {', '.join(f'{x:.1f}' for x in backbone_runs)} frames/s (median {backbone:.1f}); "
+          f"naive loop: {naive_fps:.1f} frames/s; {args.repeats} repeats")
+    print("| --workers | decode workers | spool extract, frames/s (each repeat) | median | extract / backbone "
+          "(median over repeats, each against its repeat's backbone) | extract / naive |")
+    print("|---|---:|---|---:|---:|---:|")
+    for w, runs in extract_fps.items():
+        med = float(np.median(runs))
+        ratio = float(np.median([e / b for e, b in zip(runs, backbone_runs)]))
+        print(f"| {w} | {used[w]} | {', '.join(f'{x:.1f}' for x in runs)} | {med:.1f} | {ratio:.2f} | "
+              f"{med / naive_fps:.2f} |")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,17 @@ def extract(
     stride: Annotated[Optional[int], typer.Option(help="Fixed frame step; default: T frames spread over the video.")] = None,
     clips: Annotated[int, typer.Option(help="Temporal views per video.")] = 1,
     decoder: Annotated[str, typer.Option(help="decord (PyAV as fallback) or pyav.")] = "decord",
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: decode inline).")] = 4,
-    decode_timeout: Annotated[float, typer.Option(help="Seconds before a video's decoder is killed.")] = 120.0,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Decoding processes; 0 decodes inline, without --decode-timeout: a decoder that hangs or "
+                          "crashes in native code then stops the run. Default: from the machine: "
+                          "with a GPU, one per core but one (at most 16), to keep the backbone fed; CPU-only, 0 on "
+                          "1-2 cores (a worker would take a core from the backbone: about 0.6 of inline speed there), "
+                          "else a quarter of the cores. The summary line says the number used."),
+    ] = None,
+    decode_timeout: Annotated[
+        float, typer.Option(help="Seconds before a video's decoder is killed (decode workers only).")
+    ] = 120.0,
     batch_size: Annotated[int, typer.Option(help="Frames per backbone call.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
@@ -126,7 +135,9 @@ def extract(
         who = f"{out} (shard {cfg.shard})" if not cfg.shard.whole else f"{out}"
         console.print(
             f"{who}: {result.done} extracted, {result.failed} failed, {result.skipped} already done "
-            f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s)"
+            f"({result.videos_per_s:.1f} videos/s, {result.frames_per_s:.0f} frames/s, "
+            f"{result.workers or 'no'} decode worker{'s' if result.workers != 1 else ''}"
+            f"{'' if workers is not None else ', the default here'})"
         )
         for video_id, reason in result.failures[:10]:
             console.print(f"  [red]failed[/] {escape(video_id)}: {escape(reason)}")
@@ -571,6 +582,9 @@ def ablate(
         typer.Option("--set", help="KEY=VALUE: set a train-head option in the file's base, e.g. --set epochs=5 "
                                    "(repeat the option; a value is read as YAML)."),
     ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Train runs recorded as failed again (a re-run keeps them as failed otherwise).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and list its cells; train nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -580,7 +594,8 @@ def ablate(
     every run), grid (axes whose cartesian product gives the cells), exclude, configs (extra
     cells), seeds, baselines (mean-linear, attentive-probe), launcher. Writes results.csv,
     results.json, summary.md and plots into `out`. With --launcher submitit each run is a
-    Slurm job; Ctrl-C leaves them running and a re-run re-attaches to them.
+    Slurm job; Ctrl-C leaves them running and a re-run re-attaches to them. Failed runs stay
+    failed on a re-run unless --retry-failed. One `spool ablate` at a time per `out`.
     """
     from spool.ablate import print_plan, run_ablation
     from spool.data import FeatureSetError
@@ -600,7 +615,7 @@ def ablate(
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
                          device_override=device, launcher_override={k: v for k, v in given.items() if v is not None},
                          base_override=dict(_set_option(o) for o in set_ or []))  # fmt: skip
-        result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet)
+        result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet, retry_failed=retry_failed)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)
     except KeyboardInterrupt:
@@ -610,8 +625,10 @@ def ablate(
     if dry_run:
         print_plan(result, make_console())
         return
-    if result.failed:
-        console.print(f"[bold red]{result.failed} runs failed[/]; see {Path(result.out) / 'results.csv'}")
+    if result.failed or result.kept_failed:
+        kept = f" ({result.kept_failed} in an earlier invocation, kept as failed: --retry-failed trains them again)"
+        console.print(f"[bold red]{result.failed + result.kept_failed} runs failed[/]{kept if result.kept_failed else ''}; "
+                      f"see {Path(result.out) / 'results.csv'}")  # fmt: skip
         raise typer.Exit(1)
 
 

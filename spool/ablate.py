@@ -12,28 +12,34 @@ group's features at a time. Each run writes to
 atomically, last): a re-run skips complete runs and continues half-done ones from their
 ``checkpoint_last.pt`` (train_head's resume), so an ablation killed at any moment finishes
 with the results of an uninterrupted one. A failing run is recorded in its ``error.json``
-and the row's ``error`` column; the others go on, and the next invocation retries it.
+and the row's ``error`` column; the others go on. A re-run keeps failed runs as failed (as
+``spool extract`` keeps failed videos) unless ``retry_failed`` asks to train them again.
+
+One process at a time works on an ``out`` folder: ``run_ablation`` holds ``out/.spool-ablate.lock``
+(a flock the kernel drops when the process dies), and a second one is refused naming the first.
 
 With ``launcher: submitit`` (spool.launcher) each run is a cluster job instead, trained by
-the same ``_train`` into the same folders, so the results do not depend on the launcher.
+the same ``spool.runs.train_run`` into the same folders, so the results do not depend on the
+launcher. The dependency runs one way: ablate uses the launchers, both use ``spool.runs``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import time
+import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spool.files import Busy, ProcessLock, write_json
 from spool.grid import UNUSED, Cell, GridConfig, GridError, columns, expand, key_name, load_grid, train_config
+from spool.runs import Run, is_complete, is_failed, load_group_features, read_record, train_run
 from spool.train import TrainConfig
 
 __all__ = [
@@ -47,18 +53,10 @@ __all__ = [
     "run_ablation",
 ]
 
-RESULT = "result.json"
-ERROR = "error.json"
 # differ between runs of the same config (throughput, memory, time)
 TIMING_COLUMNS = ("clips_per_s", "eval_videos_per_s", "peak_memory_mb", "wall_s")
-
-
-@dataclass(frozen=True)
-class Run:
-    cell: Cell
-    seed: int
-    dir: str
-    cfg: TrainConfig
+LOCK = ".spool-ablate.lock"  # in out: held by the one process working on it
+RETRY_HINT = "`spool ablate --retry-failed` trains them again"
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,9 @@ class AblationResult:
     trained: int = 0  # runs finished by this invocation
     skipped: int = 0  # runs already complete
     failed: int = 0  # runs that raised (this invocation)
+    kept_failed: int = 0  # runs that failed in an earlier invocation, not retried (no retry_failed)
+    retried: int = 0  # runs that failed in an earlier invocation, trained again (retry_failed)
+    pending: list[Run] = field(default_factory=list)  # the runs this invocation trains
     dry_run: bool = False
 
     @property
@@ -211,72 +212,7 @@ def _fmt_overrides(ov: dict) -> str:
     return ", ".join(f"{key_name(k)}={v}" for k, v in ov.items())
 
 
-def is_complete(run: Run) -> bool:
-    return (Path(run.dir) / RESULT).exists()
-
-
 # --- running ----------------------------------------------------------------------------
-
-
-def _load_group(grid: GridConfig, store: str, token_pool: int, heads: set[str], device: str | None = None):
-    """One FeatureSet for every run on this store with this token_pool, holding the inputs
-    all their heads read, on the split every run of the grid shares."""
-    from spool.checkpoint import HEAD_INPUTS
-    from spool.train import load_features
-
-    inputs = tuple(sorted({i for h in heads for i in HEAD_INPUTS[h]}))
-    cfg = train_config(grid, "spool", {"token_pool": token_pool, "store": store}, seed=grid.split_seed)
-    if device is not None:
-        cfg = replace(cfg, device=device)
-    features, _ = load_features(cfg, inputs=inputs)
-    return features
-
-
-def _train(run: Run, features) -> dict:
-    """Train one run on the shared features; its record, written to result.json (or error.json)."""
-    from spool.checkpoint import build_head
-    from spool.train import train_head
-
-    out = Path(run.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        result = train_head(run.cfg, features=features, progress=False)
-    except Exception as err:  # the grid's boundary: a failing run (OOM, NaN, ...) is recorded, the others go on
-        record = {"status": "failed", "error": f"{type(err).__name__}: {err}", "wall_s": time.perf_counter() - t0}
-        _atomic_json(out / ERROR, record)
-        return record
-    model = build_head(run.cfg.head, result.config["head_config"], device="cpu")
-    cost = json.loads((out / "metrics.json").read_text()).get("efficiency", {})  # train_head's (spool.efficiency)
-    record = {
-        "status": "ok",
-        "error": "",
-        "top1": result.final["top1"],
-        "top5": result.final["top5"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "flops": cost.get("flops"),  # forward, per clip
-        "attention_flops": cost.get("attention_flops"),
-        "attention_counted": cost.get("attention_counted"),
-        "epochs": len(result.history),
-        "best_epoch": result.best["epoch"],
-        "clips_per_s": float(np.mean([h.clips_per_s for h in result.history])),
-        "eval_videos_per_s": cost.get("eval_videos_per_s"),
-        "peak_memory_mb": cost.get("peak_memory_mb"),
-        "peak_memory_of": cost.get("peak_memory_of"),
-        "wall_s": time.perf_counter() - t0,  # of this invocation's part of the run
-        "store": {"path": run.cfg.store, "backbone": features.store.attrs.get("backbone"),
-                  "fingerprint": features.fingerprint},  # fmt: skip
-        "config": asdict(run.cfg),
-    }
-    _atomic_json(out / RESULT, record)  # last: the run is complete once this file exists
-    (out / ERROR).unlink(missing_ok=True)
-    return record
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _group(run: Run) -> tuple[str, int]:
@@ -303,20 +239,24 @@ def _worker_run(run: Run) -> dict:
         for features in held.values():  # one group's features at a time
             features.store.close()
         held.clear()
-        held[group] = _load_group(_WORKER["grid"], *group, _WORKER["heads"][group], _WORKER["device"])
+        held[group] = load_group_features(_WORKER["grid"], *group, _WORKER["heads"][group], _WORKER["device"])
     if _WORKER["device"] is not None:
         run = replace(run, cfg=replace(run.cfg, device=_WORKER["device"]))
-    return _train(run, held[group])
+    return train_run(run, held[group])
 
 
-def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True) -> AblationResult:
+def run_ablation(
+    grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, progress: bool = True, retry_failed: bool = False
+) -> AblationResult:
     """Validate every cell, then train the runs that are not complete and write the results.
 
     ``jobs > 1`` trains in that many worker processes (spawned; each loads the features
     once per token_pool it meets; on a machine with several GPUs and ``device: auto`` worker
     i uses cuda:i mod n). With ``grid.launcher.name == "submitit"`` each run is a cluster job
     (spool.launcher.run_jobs) and results.csv, results.json and summary.md are rewritten as
-    jobs end. ``dry_run`` validates and plans without training or writing."""
+    jobs end. ``dry_run`` validates and plans without training or writing. Runs that failed
+    in an earlier invocation stay failed unless ``retry_failed``. Raises GridError while
+    another process works on ``grid.out``."""
     if jobs < 1:
         raise GridError(f"jobs must be >= 1, got {jobs}")
     submitit = grid.launcher.name == "submitit"
@@ -325,24 +265,62 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
                         "(launcher.array-parallelism limits how many run at once)")  # fmt: skip
     cells, runs, stores = _plan(grid)
     result = AblationResult(grid=grid, cells=cells, runs=runs, stores=stores, dry_run=dry_run)
-    pending = [r for r in runs if not is_complete(r)]
-    result.skipped = len(runs) - len(pending)
+    _find_pending(result, retry_failed)
     if dry_run:
-        result.rows = [_row(result, r, _read_record(r)) for r in runs]
+        result.rows = [_row(result, r, read_record(r)) for r in runs]
         return result
 
     from spool.progress import make_console
 
-    if submitit and pending:
+    if submitit and result.pending:
         from spool.launcher import require_submitit
 
         require_submitit()  # a missing package is said before anything is written
     console = make_console(stderr=True)
     out = Path(grid.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out / "grid.json", grid.to_json())
+    lock = lock_out(out)
+    try:
+        _find_pending(result, retry_failed)  # again: a process before ours may have finished runs meanwhile
+        _run_pending(result, result.pending, jobs, console, progress)
+    finally:
+        lock.release()
+    return result
+
+
+def _find_pending(result: AblationResult, retry_failed: bool) -> None:
+    """The runs to train: not complete, and not failed earlier unless ``retry_failed``."""
+    failed_before = [r for r in result.runs if is_failed(r)]
+    result.pending = [r for r in result.runs if not is_complete(r) and (retry_failed or not is_failed(r))]
+    result.skipped = sum(is_complete(r) for r in result.runs)
+    result.kept_failed = 0 if retry_failed else len(failed_before)
+    result.retried = len(failed_before) if retry_failed else 0
+
+
+def lock_out(out: Path) -> ProcessLock:
+    """Hold ``out/.spool-ablate.lock``, or raise GridError naming the process that holds it:
+    two ablations in one folder would train the same runs twice and race on results.csv."""
+    try:
+        return ProcessLock(out / LOCK, f"PID {os.getpid()} ({' '.join(sys.argv) or 'python'})\n")
+    except Busy as busy:
+        raise GridError(
+            f"{out} is in use by another `spool ablate`, {busy.holder} (lock file {busy.path}); wait for it to "
+            "finish or stop it, then re-run: complete runs are kept"
+        ) from None
+
+
+def _run_pending(result: AblationResult, pending: list[Run], jobs: int, console, progress: bool) -> None:
+    grid, cells, runs, out = result.grid, result.cells, result.runs, result.out
+    submitit = grid.launcher.name == "submitit"
+    write_json(out / "grid.json", grid.to_json())
     if progress:
-        console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; {result.skipped} already complete")
+        earlier = ""
+        if result.kept_failed:
+            earlier = f"; {result.kept_failed} failed earlier and are kept as failed ({RETRY_HINT})"
+        elif result.retried:
+            earlier = f"; {result.retried} failed earlier and are trained again (--retry-failed)"
+        console.print(f"{len(cells)} cells x {len(grid.seeds)} seeds = {len(runs)} runs; "
+                      f"{result.skipped} already complete{earlier}")  # fmt: skip
 
     done = 0
 
@@ -370,10 +348,10 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
         run_jobs(grid, pending, report, on_update=update, console=console, progress=progress)
     elif jobs == 1:
         for (store, pool), group in by_group.items():  # one group's features in memory at a time
-            features = _load_group(grid, store, pool, heads_by_group[store, pool])
+            features = load_group_features(grid, store, pool, heads_by_group[store, pool])
             try:
                 for r in group:
-                    report(r, _train(r, features))
+                    report(r, train_run(r, features))
             finally:
                 features.store.close()
     elif pending:
@@ -383,8 +361,9 @@ def run_ablation(grid: GridConfig, *, jobs: int = 1, dry_run: bool = False, prog
     write_results(result)
     if progress:
         print_summary(result, console)
+        if result.kept_failed:
+            console.print(f"{result.kept_failed} runs failed in an earlier invocation and were kept as failed; {RETRY_HINT}")
         console.print(f"results in {out}/results.csv, summary.md, plots/")
-    return result
 
 
 def _run_parallel(grid, pending, heads_by_group, jobs, report) -> None:
@@ -417,16 +396,8 @@ def _run_parallel(grid, pending, heads_by_group, jobs, report) -> None:
 
 
 def _collect_rows(result: AblationResult) -> None:
-    result.rows = [_row(result, r, _read_record(r)) for r in result.runs]
+    result.rows = [_row(result, r, read_record(r)) for r in result.runs]
     result.summary = summarize(result.grid, result.cells, result.rows)
-
-
-def _read_record(run: Run) -> dict:
-    d = Path(run.dir)
-    for name in (RESULT, ERROR):
-        if (d / name).exists():
-            return json.loads((d / name).read_text())
-    return {"status": "pending", "error": ""}
 
 
 def _row(result: AblationResult, run: Run, record: dict) -> dict:
@@ -495,7 +466,7 @@ def write_results(result: AblationResult, *, plots: bool = True) -> None:
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     os.replace(tmp, out / "results.csv")
-    _atomic_json(out / "results.json", {"grid": result.grid.to_json(), "runs": rows, "cells": result.summary})
+    write_json(out / "results.json", {"grid": result.grid.to_json(), "runs": rows, "cells": result.summary})
     tmp = out / "summary.md.tmp"
     tmp.write_text(summary_markdown(result))
     os.replace(tmp, out / "summary.md")
@@ -557,7 +528,8 @@ def summary_markdown(result: AblationResult) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in body]
     failed = [r for r in result.rows if r["status"] == "failed"]
     if failed:
-        lines += ["", "Failed runs:", ""] + [f"- {r['cell']} seed {r['seed']}: {r['error']}" for r in failed]
+        lines += ["", "Failed runs (a re-run keeps them as failed; " + RETRY_HINT + "):", ""]
+        lines += [f"- {r['cell']} seed {r['seed']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -586,8 +558,9 @@ def print_plan(result: AblationResult, console=None) -> None:
 
     console = console or make_console()
     g = result.grid
+    kept = f", {result.kept_failed} failed (kept; --retry-failed trains them)" if result.kept_failed else ""
     table = Table(title=f"{len(result.cells)} cells x {len(g.seeds)} seeds = {len(result.runs)} runs "
-                  f"({result.skipped} complete, {len(result.runs) - result.skipped} to train)")  # fmt: skip
+                  f"({result.skipped} complete{kept}, {len(result.pending)} to train)")  # fmt: skip
     for col in ("#", "cell", "head", "overrides", "done"):
         table.add_column(col)
     done = defaultdict(int)
@@ -601,7 +574,7 @@ def print_plan(result: AblationResult, console=None) -> None:
     if g.launcher.name == "submitit":
         from spool.launcher import plan_lines
 
-        for line in plan_lines(g, [r for r in result.runs if not is_complete(r)]):
+        for line in plan_lines(g, result.pending):
             console.print(line, markup=False, highlight=False)
 
 

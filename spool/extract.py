@@ -32,7 +32,7 @@ from spool.ddp import Ranks, process_group
 from spool.distributed import Shard, TorchrunEnv, rank_device
 from spool.progress import RateProgress
 from spool.sources import VideoSource, load_source
-from spool.stores import StoreError, backend_for, create_store, open_store
+from spool.stores import COMMIT_INTERVAL_S, StoreError, backend_for, create_store, open_store
 from spool.stores.base import DONE, FAILED, NO_SPLIT, PENDING, SPLIT_CODES, StoreBusyError
 from spool.stores.shards import (
     ShardReport, ShardWriter, recorded_status, shard_report, shard_videos, wait_for_shards,
@@ -56,7 +56,7 @@ class ExtractConfig:
     stride: int | None = None  # None: T frames evenly spaced over the video
     clips: int = 1  # temporal views per video
     decoder: str = "decord"  # decord (PyAV as fallback) | pyav
-    workers: int = 4  # decoding processes; 0 decodes inline
+    workers: int | None = None  # decoding processes; 0 decodes inline; None: default_workers(device, cores)
     decode_timeout: float = 120.0  # seconds per video before its decoder is killed
     batch_size: int = 64  # frames per backbone call
     device: str = "auto"
@@ -73,7 +73,7 @@ class ExtractConfig:
             (self.image_size >= 14, f"--size must be >= 14, got {self.image_size}"),
             (self.token_pool >= 1, f"--token-pool must be >= 1, got {self.token_pool}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.decode_timeout > 0, f"--decode-timeout must be > 0, got {self.decode_timeout}"),
             (self.decoder in ("decord", "pyav"), f"--decoder must be decord or pyav, got {self.decoder!r}"),
         ]
@@ -124,6 +124,7 @@ class ExtractResult:
     missing: list[str] = field(default_factory=list)  # named by a list/split file but not on disk
     unlabeled: int = 0  # videos without a class (label -1) where they are a mistake: train-head cannot use them
     source_format: str = ""
+    workers: int = 0  # decode processes used (the default_workers choice when --workers was not given)
     short: int = 0  # videos shorter than one clip: frames repeat (spool.sampling documents the rule)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
 
@@ -134,6 +135,32 @@ class ExtractResult:
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+# With a GPU, decoding is what feeds the backbone: every core but the main process's one
+# decodes, up to this many (each worker holds about two decoded videos in memory).
+MAX_WORKERS = 16
+
+
+def default_workers(device: torch.device, cores: int) -> int:
+    """The number of decode processes when --workers is not given.
+
+    With a GPU the backbone does not compete for the CPU: one worker per core but one, up to
+    MAX_WORKERS, to keep it fed. CPU-only, the backbone already runs on every core, so a worker
+    takes cores away from it: on a 2-core machine one worker halves extraction (0.61 of the
+    backbone alone) where inline decoding reaches 0.88 (docs/benchmarks.md, "Extraction"), so
+    <= 2 cores decode inline, which gives up the time limit per video (a decoder that hangs
+    in native code stops the run; --workers 1 keeps the limit). Bigger CPU-only machines get
+    a quarter of their cores."""
+    if device.type != "cpu":
+        return max(1, min(MAX_WORKERS, cores - 1))
+    return 0 if cores <= 2 else max(1, cores // 4)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which Slurm and taskset set)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def content_attrs(cfg: ExtractConfig, identity: WeightsIdentity) -> dict[str, Any]:
@@ -356,8 +383,11 @@ def run_extract(
     unlabeled = sum(e.label < 0 for e in source.entries)
     if source.format != "folder" and unlabeled < len(source.entries):
         unlabeled = 0  # a test split without labels (SSv2, Kinetics) is unlabeled by design
+    # Resolved here, not in the config: the config (and so the store's attributes and
+    # fingerprint) keeps "not given", whatever machine ran it.
+    workers = cfg.workers if cfg.workers is not None else default_workers(device, usable_cores())
     result = ExtractResult(store=str(cfg.out), missing=list(source.missing), source_format=source.format,
-                           unlabeled=unlabeled)  # fmt: skip
+                           unlabeled=unlabeled, workers=workers)  # fmt: skip
     if not cfg.shard.whole or torchrun is not None:
         _run_shard(cfg, source, encoder, identity, device, result, command, progress, on_video_written, torchrun)
         return result
@@ -415,6 +445,9 @@ def _run_shard(cfg, source, encoder, identity, device, result, command, progress
             raise error
         if said is not None:
             raise StoreError(f"rank 0 could not create or open the store: {said}")
+        if cfg.workers is None and ranks.world_size > 1:
+            # the ranks on one machine share its cores: each gets the default of its share
+            result.workers = default_workers(device, max(1, usable_cores() // ranks.per_host()))
         writer = ShardWriter(out, index, count)
         try:
             ranks.barrier()  # every rank holds its shard: no stale marker can fool rank 0's wait
@@ -464,11 +497,21 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     write_error: list[BaseException] = []
 
     def writer() -> None:
-        # Runs beside the backbone: store writes (file I/O, chunk encoding) must not stall the GPU.
-        while (item := writes.get()) is not None:
+        # Runs beside the backbone: store writes (file I/O, chunk encoding, fsync) must not stall the GPU.
+        while True:
+            try:
+                item = writes.get(timeout=COMMIT_INTERVAL_S)
+            except queue.Empty:  # nothing to write for a while: commit what waits (the store batches commits)
+                item = "commit"
+            if item is None:
+                break
             if write_error:
                 continue
+            video_index = None
             try:
+                if item == "commit":
+                    store.commit()
+                    continue
                 kind, video_index, payload = item
                 if kind == "done":
                     encoded: EncodedVideo = payload
@@ -488,8 +531,9 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
                     on_video_written(video_index)
             except OSError as err:  # disk full, quota, I/O error: the commit protocol kept the store whole
                 why = f"[Errno {err.errno}] {os.strerror(err.errno)}" if err.errno else " ".join(str(err).split())
+                at = f"at video {entries[video_index].video_id!r}" if video_index is not None else "committing videos"
                 write_error.append(StoreError(
-                    f"writing {cfg.out} failed at video {entries[video_index].video_id!r}: {why}. "
+                    f"writing {cfg.out} failed {at}: {why}. "
                     "The store keeps every video finished before it (it opens and resumes); "
                     "free space or fix the disk, then re-run the same command."
                 ))
@@ -502,7 +546,7 @@ def _extract_pending(cfg, source, encoder, device, store, pending, result, progr
     jobs = ((v, entries[v].path) for v in pending)
     try:
         encoded_videos = encode_videos(
-            jobs, encoder, device, read_kwargs=read_kwargs_of(cfg), batch_size=cfg.batch_size, workers=cfg.workers,
+            jobs, encoder, device, read_kwargs=read_kwargs_of(cfg), batch_size=cfg.batch_size, workers=result.workers,
             decode_timeout=cfg.decode_timeout,
         )  # fmt: skip
         with bar, contextlib.closing(encoded_videos):

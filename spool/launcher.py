@@ -4,7 +4,7 @@ Every run (cell x seed, and each baseline) is one job of one job array (``execut
 one ``sbatch``, at most ``array-parallelism`` tasks at once). A job loads the features its
 run needs from the store itself (the store, the ``out`` folder and the Python environment
 must be on a filesystem the compute nodes share, at the same paths) and trains with the
-local launcher's code path (``spool.ablate._train``), which writes the run's ``result.json``
+local launcher's code path (``spool.runs.train_run``), which writes the run's ``result.json``
 or ``error.json``: the results are the same whichever launcher ran the grid.
 
 This process waits, reports each run as its job ends and keeps ``results.csv`` up to date.
@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from spool.files import write_json
 from spool.grid import GridConfig, LauncherConfig
+from spool.runs import ERROR, load_group_features, record_failure, train_run
 
 LOG_FOLDER = "slurm"  # submitit's folder (sbatch scripts, pickles, logs), inside the ablation's out
 JOB = "job.json"  # in a run's folder: the job that was submitted for it
@@ -127,7 +129,7 @@ def make_executor(grid: GridConfig):
 
 class RunJob:
     """One run, inside its job: load the features it needs and train it as the local launcher
-    does (``_train`` writes result.json or error.json and returns the record).
+    does (``spool.runs.train_run`` writes result.json or error.json and returns the record).
 
     submitit calls ``checkpoint`` when Slurm preempts the job or its time limit is near; the
     job is requeued (up to 3 times for time limits) and the run continues from its
@@ -139,15 +141,13 @@ class RunJob:
     def __call__(self, grid: GridConfig, run) -> dict:
         import torch
 
-        from spool.ablate import _load_group, _train
-
         # torch would use every core of the node, not the job's share of it
         affinity = getattr(os, "sched_getaffinity", None)
         torch.set_num_threads(self.threads or (len(affinity(0)) if affinity else os.cpu_count() or 1))
         print(f"spool: run {run.dir} ({run.cell.origin}, seed {run.seed})", flush=True)
-        features = _load_group(grid, run.cfg.store, run.cfg.token_pool, {run.cfg.head})
+        features = load_group_features(grid, run.cfg.store, run.cfg.token_pool, {run.cfg.head})
         try:
-            record = _train(run, features)
+            record = train_run(run, features)
         finally:
             features.store.close()
         print(f"spool: {record['status']} {record.get('top1', record['error'])}", flush=True)
@@ -246,8 +246,6 @@ def run_jobs(
     """Submit the runs that have no live job, re-attach to those that have one, and wait:
     each job that ends is reported (``report(run, record)``), ``on_update()`` follows.
     Ctrl-C stops waiting (Slurm jobs keep running; a re-run re-attaches to them) and re-raises."""
-    from spool.ablate import ERROR, _atomic_json
-
     submitit = require_submitit()
     launcher = grid.launcher
     folder = Path(grid.out) / LOG_FOLDER
@@ -270,7 +268,7 @@ def run_jobs(
         for run, job in zip(fresh, jobs):
             Path(run.dir).mkdir(parents=True, exist_ok=True)
             (Path(run.dir) / ERROR).unlink(missing_ok=True)  # retried: pending until its job ends
-            _atomic_json(Path(run.dir) / JOB, {"job_id": job.job_id, "cluster": launcher.cluster,
+            write_json(Path(run.dir) / JOB, {"job_id": job.job_id, "cluster": launcher.cluster,
                                                 "folder": str(executor.folder), "submitted": now})  # fmt: skip
             waiting[job] = run
     if progress and console is not None and fresh:
@@ -309,13 +307,9 @@ def run_jobs(
 
 
 def _collect(job, run) -> dict:
-    """The record of an ended job: what ``_train`` returned, or, for a job that raised or died
+    """The record of an ended job: what ``train_run`` returned, or, for a job that raised or died
     without a result, a failed record written to the run's error.json."""
-    from spool.ablate import ERROR, _atomic_json
-
     try:
         return job.result()
     except Exception as err:  # the job's boundary: a dead job is one failed run, the others go on
-        record = {"status": "failed", "error": failure_reason(job, err), "wall_s": None}
-        _atomic_json(Path(run.dir) / ERROR, record)
-        return record
+        return record_failure(run, failure_reason(job, err), wall_s=None)

@@ -46,6 +46,7 @@ from spool.checkpoint import (
 from spool.data import CACHE_MODES, FeatureSet, Splits, assign_splits
 from spool.ddp import Ranks, process_group, share, state_digest, sync_batchnorm
 from spool.device import resolve_device
+from spool.files import write_json
 from spool.distributed import TorchrunEnv, rank_device
 from spool.efficiency import PeakMemory, forward_flops, param_count
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
@@ -511,12 +512,6 @@ def _run_folder_problem(cfg: TrainConfig, out: Path, fingerprint: str | None) ->
     )
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
 def train_head(
     cfg: TrainConfig,
     *,
@@ -590,15 +585,72 @@ def _train(cfg, features: FeatureSet | None, progress, on_epoch_end, ranks: Rank
             features.store.close()
 
 
-def _rank_seed(seed: int, epoch: int, rank: int) -> int:
-    """The torch seed of one rank's epoch in a run of several processes (dropout masks)."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
 def _run(
     cfg, features: FeatureSet, splits: Splits, device, out: Path, progress, on_epoch_end, ranks: Ranks
 ) -> TrainResult:
-    inputs = HEAD_INPUTS[cfg.head]
+    """The training loop, stage by stage; each stage is a function below, in this order, and
+    takes the state it needs: ``training`` (model, optimizer, schedule: built once) and
+    ``state`` (epoch, history, best: what checkpoints save)."""
+    training = build_training(cfg, features, splits, device, ranks)
+    state = resume_or_start(cfg, training, features, splits, out / "checkpoint_last.pt", ranks)
+    if ranks.main:
+        prepare_out(cfg, out, training.config)
+    training.train_model = wrap_for_ranks(training.model, device, ranks)
+    console = make_console(stderr=True)
+    if cfg.resume and not state.resumed and progress:
+        console.print(f"resume: no checkpoint_last.pt in {out}; training from the start")
+    for epoch in range(state.epoch, cfg.epochs):
+        stats = train_one_epoch(cfg, training, features, splits.train, device, ranks, epoch, console, progress)
+        final, select, eval_seconds = evaluate_epoch(cfg, training, features, splits, device, ranks)
+        record, improved = record_epoch(state, epoch, stats, final, select, eval_seconds, training.scheduler)
+        if ranks.main:
+            save_epoch(training, state, out, improved, ranks)
+        if progress:
+            print_epoch(console, record, select, splits.eval_split)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return finish(training, state, features, out, ranks)
+
+
+@dataclass
+class Training:
+    """What a run trains with, made once by ``build_training`` and read by every later stage."""
+
+    inputs: tuple[str, ...]  # the FeatureSet arrays the head reads
+    config: dict  # what config.json holds
+    model: nn.Module  # the head itself: evaluated, checkpointed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    drop_last: bool  # the last batch of an epoch is dropped (it would hold one clip)
+    cost: dict  # parameters and forward FLOPs per clip (spool.efficiency)
+    memory: PeakMemory  # peak memory since the model was built
+    device: torch.device
+    train_model: nn.Module | None = None  # the model the step runs: DDP's wrapper of ``model`` under torchrun
+
+
+@dataclass
+class TrainState:
+    """What the epochs accumulate, and what a checkpoint saves of it."""
+
+    epoch: int  # epochs done
+    history: list[EpochRecord]
+    best: dict  # {"epoch", "top1", "chosen_on", "select_top1"} of checkpoint_best.pt
+    final: dict | None  # the last epoch's eval metrics (a resumed finished run: the checkpoint's)
+    chosen_on: str  # where the best epoch is chosen: "val-from-train", or the eval split itself
+    resumed: bool = False
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float  # summed over the clips of the global batches
+    correct: int
+    seen: int  # clips
+    seconds: float  # training time, loading included
+
+
+def build_training(cfg, features: FeatureSet, splits: Splits, device, ranks: Ranks) -> Training:
+    """The head, its optimizer and its learning-rate schedule, from the seed."""
     head_cfg = make_head_config(
         cfg,
         in_dim=features.dim,
@@ -626,181 +678,230 @@ def _run(
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, round(cfg.warmup * steps_per_epoch)) if cfg.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    return Training(
+        HEAD_INPUTS[cfg.head], config, model, optimizer, scheduler, steps_per_epoch, drop_last, cost, memory, device
+    )
 
+
+def resume_or_start(
+    cfg, training: Training, features: FeatureSet, splits: Splits, last_path: Path, ranks: Ranks
+) -> TrainState:
+    """With ``--resume`` and a checkpoint in ``out``: its weights, optimizer, schedule, RNG and
+    history, once its options are checked against these. Otherwise epoch 0."""
     # The best epoch is chosen on the videos held out of train when there are some, else on the
     # eval split itself (optimistic: the choice and the reported number see the same videos).
     chosen_on = "val-from-train" if len(splits.select) else splits.eval_split
-    start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0, "chosen_on": chosen_on, "select_top1": None}
-    last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
+    state = TrainState(0, [], {"epoch": 0, "top1": -1.0, "chosen_on": chosen_on, "select_top1": None}, None, chosen_on)
     # Rank 0 reads the checkpoint and hands it to the others: every rank resumes from the same
     # one, and the other machines of a multi-node run need not see rank 0's --out.
     ckpt = ranks.broadcast(load_checkpoint(last_path) if ranks.main and cfg.resume and last_path.exists() else None)
-    if ckpt is not None:
-        saved, wanted = ckpt["train"], asdict(cfg)
-        diff = [option_diff(k, saved.get(k, TRAIN_DEFAULTS.get(k)), wanted.get(k)) for k in _diff_keys(saved, wanted)]
-        if ckpt["store"].get("fingerprint") != features.fingerprint:
-            diff.append(f"store fingerprint (saved {ckpt['store'].get('fingerprint')}, store has {features.fingerprint})")
-        if diff:
-            raise ResumeMismatchError(
-                f"{last_path} was trained with other options; differing: {', '.join(diff)}. "
-                "Resume with the same options, or train into a new --out."
-            )
-        saved_world = ckpt.get("world_size", 1)
-        if cfg.dropout > 0 and saved_world != ranks.world_size:
-            # Each rank draws its own dropout masks, so with dropout the run depends on the
-            # number of processes; without, resuming with another number gives the same result.
-            raise ResumeMismatchError(
-                f"{last_path} was trained by {saved_world} process(es) with dropout {cfg.dropout}; its dropout masks "
-                f"depend on the number of processes, and this run has {ranks.world_size}. Resume with "
-                f"{saved_world} process(es) (torchrun --nnodes x --nproc-per-node), or train into a new --out."
-            )
-        model.load_state_dict(strip_compile_prefix(ckpt["model"]))
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as err:  # parameter groups made by another Spool version
-            raise ResumeMismatchError(
-                f"{last_path}: its optimizer state does not fit this Spool's optimizer ({err}); "
-                "it was written by another Spool version. Train into a new --out."
-            ) from err
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
-        history = [EpochRecord(**h) for h in ckpt["history"]]
-    if ranks.main:
-        # Made only now, once every option and the store have been checked: an argument error
-        # leaves no empty run folder behind.
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not cfg.resume:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        _atomic_json(out / "config.json", config)
+    if ckpt is None:
+        return state
+    saved, wanted = ckpt["train"], asdict(cfg)
+    diff = [option_diff(k, saved.get(k, TRAIN_DEFAULTS.get(k)), wanted.get(k)) for k in _diff_keys(saved, wanted)]
+    if ckpt["store"].get("fingerprint") != features.fingerprint:
+        diff.append(f"store fingerprint (saved {ckpt['store'].get('fingerprint')}, store has {features.fingerprint})")
+    if diff:
+        raise ResumeMismatchError(
+            f"{last_path} was trained with other options; differing: {', '.join(diff)}. "
+            "Resume with the same options, or train into a new --out."
+        )
+    saved_world = ckpt.get("world_size", 1)
+    if cfg.dropout > 0 and saved_world != ranks.world_size:
+        # Each rank draws its own dropout masks, so with dropout the run depends on the
+        # number of processes; without, resuming with another number gives the same result.
+        raise ResumeMismatchError(
+            f"{last_path} was trained by {saved_world} process(es) with dropout {cfg.dropout}; its dropout masks "
+            f"depend on the number of processes, and this run has {ranks.world_size}. Resume with "
+            f"{saved_world} process(es) (torchrun --nnodes x --nproc-per-node), or train into a new --out."
+        )
+    training.model.load_state_dict(strip_compile_prefix(ckpt["model"]))
+    try:
+        training.optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as err:  # parameter groups made by another Spool version
+        raise ResumeMismatchError(
+            f"{last_path}: its optimizer state does not fit this Spool's optimizer ({err}); "
+            "it was written by another Spool version. Train into a new --out."
+        ) from err
+    training.scheduler.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"])
+    history = [EpochRecord(**h) for h in ckpt["history"]]
+    return TrainState(ckpt["epoch"], history, ckpt["best"], ckpt["eval"], chosen_on, resumed=True)
 
-    train_model = model
-    if ranks.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def prepare_out(cfg, out: Path, config: dict) -> None:
+    """``out`` with this run's config.json (rank 0)."""
+    # Made only now, once every option and the store have been checked: an argument error
+    # leaves no empty run folder behind.
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    write_json(out / "config.json", config)
 
+
+def wrap_for_ranks(model: nn.Module, device, ranks: Ranks) -> nn.Module:
+    """The model the training step runs: ``model`` alone, or DDP's wrapper under torchrun."""
+    if ranks.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's epoch in a run of several processes (dropout masks)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def train_one_epoch(
+    cfg, training: Training, features: FeatureSet, train_clips: np.ndarray, device, ranks: Ranks, epoch: int,
+    console, progress: bool,
+) -> EpochStats:
+    """One pass over the train split; each rank steps on its share of every global batch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = make_console(stderr=True)
-    show_bar = progress and sys.stderr.isatty()
-    if cfg.resume and ckpt is None and progress:
-        console.print(f"resume: no {last_path.name} in {out}; training from the start")
-    final = None
-    for epoch in range(start_epoch, cfg.epochs):
-        train_model.train()
-        if ranks.world_size > 1:
-            # Every rank draws dropout masks for its own clips: from its own seed, set per
-            # epoch so that a resumed run draws the same masks.
-            torch.manual_seed(_rank_seed(cfg.seed, epoch, ranks.rank))
-        loss_sum, correct, seen = 0.0, 0, 0
-        t0 = time.perf_counter()
-        bar = Progress(
-            TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not show_bar,
-            transient=True,
-        )
-        with bar:
-            task = bar.add_task("train", total=steps_per_epoch, info="")
-            batches = features.batches(
-                splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device,
-                drop_last=drop_last, shard=ranks.shard,
-            )  # fmt: skip
-            for step, batch in enumerate(batches):  # this rank's share of each global batch
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = _forward(train_model, inputs, batch)
-                share_loss = F.cross_entropy(
-                    logits.float(), batch["label"], label_smoothing=cfg.label_smoothing, reduction="sum"
-                )
-                share_correct = (logits.argmax(1) == batch["label"]).sum()
-                # loss sum, correct and clips of the global batch (each rank's share may be empty)
-                totals = torch.stack([share_loss.detach().double(), share_correct.double(),
-                                      share_loss.new_tensor(len(batch["label"]), dtype=torch.float64)])  # fmt: skip
-                batch_loss, batch_correct, n = ranks.sum(totals).tolist()
-                batch_loss /= n
-                if not math.isfinite(batch_loss):
-                    raise NonFiniteLossError(
-                        f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1} "
-                        f"(lr {scheduler.get_last_lr()[0]:.3g}); no checkpoint was written for this epoch. "
-                        "Check the features for inf/NaN (float16 overflow) or lower --lr."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages the ranks' gradients: scaled by world_size / n, their mean is the
-                # gradient of the mean loss over the global batch, however unevenly it split.
-                (share_loss * (ranks.world_size / n)).backward()
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += batch_loss * n
-                correct += int(batch_correct)
-                seen += int(n)
-                bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - t0
-        t_eval = time.perf_counter()
-        final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
-        eval_time = time.perf_counter() - t_eval  # evaluate ends with the logits on the CPU: synchronised
-        select = evaluate(model, inputs, features, splits.select, cfg.batch_size, device, ranks) if len(splits.select) else None
-        record = EpochRecord(
-            epoch=epoch + 1,
-            train_loss=loss_sum / seen,
-            train_acc=correct / seen,
-            eval_top1=final["top1"],
-            eval_top5=final["top5"],
-            eval_topk=final["top_k"]["accuracy"],
-            lr=scheduler.get_last_lr()[0],
-            clips_per_s=seen / train_time,
-            select_top1=None if select is None else select["top1"],
-            eval_videos_per_s=final["num_videos"] / eval_time,
-        )
-        history.append(record)
-        if select is None:
-            improved = final["top1"] > best["top1"]
-        else:
-            improved = best.get("select_top1") is None or select["top1"] > best["select_top1"]
-        if improved:
-            best = {"epoch": epoch + 1, "top1": final["top1"], "chosen_on": chosen_on,
-                    "select_top1": None if select is None else select["top1"]}  # fmt: skip
-        if ranks.main:
-            payload = {**_payload(model, optimizer, scheduler, epoch, history, config, final, ranks), "best": best}
-            if improved:
-                save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, payload)
-            _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final,
-                                                "efficiency": _efficiency(cost, history, memory, device)})  # fmt: skip
-        if progress:
-            held = "" if select is None else f"  val-from-train top-1 {select['top1']:.3f}"
-            console.print(
-                f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}{held}  "
-                f"{splits.eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s",
-                highlight=False,
+    model, optimizer, scheduler = training.train_model, training.optimizer, training.scheduler
+    model.train()
+    if ranks.world_size > 1:
+        # Every rank draws dropout masks for its own clips: from its own seed, set per
+        # epoch so that a resumed run draws the same masks.
+        torch.manual_seed(_rank_seed(cfg.seed, epoch, ranks.rank))
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    bar = Progress(
+        TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (progress and sys.stderr.isatty()),
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task("train", total=training.steps_per_epoch, info="")
+        batches = features.batches(
+            train_clips, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, device=device,
+            drop_last=training.drop_last, shard=ranks.shard,
+        )  # fmt: skip
+        for step, batch in enumerate(batches):  # this rank's share of each global batch
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = _forward(model, training.inputs, batch)
+            share_loss = F.cross_entropy(
+                logits.float(), batch["label"], label_smoothing=cfg.label_smoothing, reduction="sum"
             )
-        if on_epoch_end is not None:
-            on_epoch_end(record)
+            share_correct = (logits.argmax(1) == batch["label"]).sum()
+            # loss sum, correct and clips of the global batch (each rank's share may be empty)
+            totals = torch.stack([share_loss.detach().double(), share_correct.double(),
+                                  share_loss.new_tensor(len(batch["label"]), dtype=torch.float64)])  # fmt: skip
+            batch_loss, batch_correct, n = ranks.sum(totals).tolist()
+            batch_loss /= n
+            if not math.isfinite(batch_loss):
+                raise NonFiniteLossError(
+                    f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1} "
+                    f"(lr {scheduler.get_last_lr()[0]:.3g}); no checkpoint was written for this epoch. "
+                    "Check the features for inf/NaN (float16 overflow) or lower --lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            # DDP averages the ranks' gradients: scaled by world_size / n, their mean is the
+            # gradient of the mean loss over the global batch, however unevenly it split.
+            (share_loss * (ranks.world_size / n)).backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(training.model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += batch_loss * n
+            correct += int(batch_correct)
+            seen += int(n)
+            bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return EpochStats(loss_sum, correct, seen, time.perf_counter() - t0)
 
-    if final is None:  # resumed a finished run: report what it ended with
-        final = ckpt["eval"]
+
+def evaluate_epoch(
+    cfg, training: Training, features: FeatureSet, splits: Splits, device, ranks: Ranks
+) -> tuple[dict, dict | None, float]:
+    """Metrics on the eval split, on the videos held out of train (None without them), and the
+    seconds the eval split took."""
+    model, inputs = training.model, training.inputs
+    t0 = time.perf_counter()
+    final = evaluate(model, inputs, features, splits.eval, cfg.batch_size, device, ranks)
+    eval_seconds = time.perf_counter() - t0  # evaluate ends with the logits on the CPU: synchronised
+    select = evaluate(model, inputs, features, splits.select, cfg.batch_size, device, ranks) if len(splits.select) else None
+    return final, select, eval_seconds
+
+
+def record_epoch(
+    state: TrainState, epoch: int, stats: EpochStats, final: dict, select: dict | None, eval_seconds: float, scheduler
+) -> tuple[EpochRecord, bool]:
+    """The epoch's record appended to the history, and whether it is the best epoch so far."""
+    record = EpochRecord(
+        epoch=epoch + 1,
+        train_loss=stats.loss_sum / stats.seen,
+        train_acc=stats.correct / stats.seen,
+        eval_top1=final["top1"],
+        eval_top5=final["top5"],
+        eval_topk=final["top_k"]["accuracy"],
+        lr=scheduler.get_last_lr()[0],
+        clips_per_s=stats.seen / stats.seconds,
+        select_top1=None if select is None else select["top1"],
+        eval_videos_per_s=final["num_videos"] / eval_seconds,
+    )
+    state.history.append(record)
+    state.epoch, state.final = epoch + 1, final
+    best = state.best
+    if select is None:
+        improved = final["top1"] > best["top1"]
+    else:
+        improved = best.get("select_top1") is None or select["top1"] > best["select_top1"]
+    if improved:
+        state.best = {"epoch": epoch + 1, "top1": final["top1"], "chosen_on": state.chosen_on,
+                      "select_top1": None if select is None else select["top1"]}  # fmt: skip
+    return record, improved
+
+
+def save_epoch(training: Training, state: TrainState, out: Path, improved: bool, ranks: Ranks) -> None:
+    """checkpoint_last.pt, checkpoint_best.pt when the epoch is the best, and metrics.json (rank 0)."""
+    t = training
+    payload = _payload(t.model, t.optimizer, t.scheduler, state.epoch - 1, state.history, t.config, state.final, ranks)
+    payload["best"] = state.best
+    if improved:
+        save_checkpoint(out / "checkpoint_best.pt", payload)
+    save_checkpoint(out / "checkpoint_last.pt", payload)
+    _write_metrics(out, state, training)
+
+
+def _write_metrics(out: Path, state: TrainState, training: Training) -> None:
+    epochs = [asdict(h) for h in state.history]
+    efficiency = _efficiency(training.cost, state.history, training.memory, training.device)
+    write_json(out / "metrics.json", {"epochs": epochs, "best": state.best, "final": state.final, "efficiency": efficiency})
+
+
+def print_epoch(console, record: EpochRecord, select: dict | None, eval_split: str) -> None:
+    held = "" if select is None else f"  val-from-train top-1 {select['top1']:.3f}"
+    console.print(
+        f"epoch {record.epoch}: loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}{held}  "
+        f"{eval_split} top-1 {record.eval_top1:.3f}  {record.clips_per_s:.0f} clips/s",
+        highlight=False,
+    )
+
+
+def finish(training: Training, state: TrainState, features: FeatureSet, out: Path, ranks: Ranks) -> TrainResult:
+    """metrics.json and the plots (rank 0); under torchrun, a check that the ranks agree."""
     if ranks.main:
-        _atomic_json(out / "metrics.json", {"epochs": [asdict(h) for h in history], "best": best, "final": final,
-                                            "efficiency": _efficiency(cost, history, memory, device)})  # fmt: skip
-        plot_curves([asdict(h) for h in history], out / "learning_curves.png")
-        plot_confusion(final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
+        _write_metrics(out, state, training)
+        plot_curves([asdict(h) for h in state.history], out / "learning_curves.png")
+        plot_confusion(state.final["confusion_matrix"], features.class_names, out / "confusion_matrix.png")
     # DDP keeps the ranks' weights equal bit for bit; say so if they are not. This meeting also
     # holds every rank until rank 0's outputs are complete.
-    if ranks.world_size > 1 and len(set(ranks.gather(state_digest(model)))) > 1:
+    if ranks.world_size > 1 and len(set(ranks.gather(state_digest(training.model)))) > 1:
         raise TrainError(
             f"the {ranks.world_size} processes ended with different weights (a bug in Spool's distributed "
             f"training); {out} holds rank 0's"
         )
-    return TrainResult(out=out, history=history, final=final, best=best, config=config)
+    return TrainResult(out=out, history=state.history, final=state.final, best=state.best, config=training.config)
 
 
 def _efficiency(cost: dict, history: list[EpochRecord], memory: PeakMemory, device) -> dict:

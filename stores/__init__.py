@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spool.stores._common import NON_CONTENT_ATTRS, build_attrs, check_create_inputs, fingerprint
+from spool.stores._common import COMMIT_INTERVAL_S, NON_CONTENT_ATTRS, build_attrs, check_create_inputs, fingerprint
 from spool.stores.base import (
     DONE,
     FAILED,
@@ -109,7 +109,7 @@ def open_store(path: str | Path, mode: str = "r") -> FeatureStore:
 from spool.stores.summary import summarize  # noqa: E402  (summary imports base, not this module)
 
 __all__ = [
-    "DONE", "FAILED", "NO_SPLIT", "NON_CONTENT_ATTRS", "PENDING", "SCHEMA_VERSION", "SPLIT_CODES", "SPLIT_NAMES",
+    "COMMIT_INTERVAL_S", "DONE", "FAILED", "NO_SPLIT", "NON_CONTENT_ATTRS", "PENDING", "SCHEMA_VERSION", "SPLIT_CODES", "SPLIT_NAMES",
     "STATUS_NAMES", "ClipTable", "FeatureStore", "StoreBusyError", "StoreError", "VideoTable", "backend_for", "create_store",
     "fingerprint", "open_store", "summarize",
 ]

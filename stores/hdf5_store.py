@@ -11,10 +11,13 @@ write after creation a plain overwrite of raw data bytes that are already alloca
 - attributes and the variable-length video ids are written once, at creation, in a temporary
   file that is renamed into place when complete.
 
-The commit protocol is the zarr one with explicit flushes as the ordering barrier: write the
-clips, ``flush``, write the per-video fields, ``flush``, write the one status byte, ``flush``.
-A SIGKILL leaves the metadata untouched and at most a partly written video whose status byte
-is not DONE. Power loss is not covered (nothing is fsynced), see docs/store-format.md.
+The commit protocol is the zarr one with flush and fsync as the barrier: write the clips and
+the per-video fields, ``flush`` (HDF5's buffers to the kernel: enough against a SIGKILL), and
+when the commit comes (spool.stores._common, "Durability") ``fsync`` (the kernel's pages to
+the disk: needed against a power loss, where the kernel may write the page holding the status
+byte before those holding the clips), write the status bytes, ``flush``, ``fsync``. A SIGKILL
+or a power loss leaves the metadata untouched and at most partly written videos whose status
+byte is not DONE.
 
 Because patches are contiguous, clip ``i`` lies at a fixed byte offset and reads go through a
 numpy memmap of the file rather than h5py (see docs/benchmarks.md, "Store reads").
@@ -41,9 +44,10 @@ from spool.stores._common import (
     clip_tables,
     expected_arrays,
     fill_value,
+    fsync_paths,
     output_buffer,
 )
-from spool.stores.base import PENDING, StoreError
+from spool.stores.base import StoreError
 
 
 def lock_path(path: Path) -> Path:
@@ -112,7 +116,9 @@ def create_hdf5(
                     f.attrs[k] = json.dumps(v)
                 for name, spec in specs.items():
                     _create_dataset(f, name, spec.shape, _h5_dtype(name, spec.dtype), static.get(name))
+            fsync_paths([tmp])  # complete on the disk before its name appears
             os.replace(tmp, path)  # atomic: a kill leaves the old file or the complete new one
+            fsync_paths([path.parent])
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -141,6 +147,7 @@ class HDF5FeatureStore(SlotStore):
             raise StoreError(f"mode must be 'r' (read) or 'a' (append/resume), got {mode!r}")
         self._lock = _lock
         self._file: h5py.File | None = None
+        self._start_commits()
         try:
             if mode == "a" and self._lock is None:
                 self._lock = WriterLock(lock_path(self.path), self.path)
@@ -207,16 +214,22 @@ class HDF5FeatureStore(SlotStore):
             raise StoreError(f"{self.path} is open read-only (or closed); open it with mode='a' to write")
         return self._ds
 
-    def _uncommit(self, video_index: int) -> None:
-        d = self._ds
-        if int(d["status"][video_index]) != PENDING:
-            d["status"][video_index] = PENDING
-            self._file.flush()
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.id.get_vfd_handle())  # the sec2 driver's descriptor of this file
 
-    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str, status: int) -> None:
+    def _status_of(self, video_index: int) -> int:
+        return int(self._ds["status"][video_index])
+
+    def _write_status(self, video_indices: np.ndarray, status: np.ndarray) -> None:
+        d = self._writable()
+        for v, st in zip(video_indices.tolist(), status.tolist()):  # bytes in place; no allocation
+            d["status"][v] = st
+        self._file.flush()
+
+    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str) -> None:
         d = self._writable()
         C = self.clips_per_video
-        self._uncommit(video_index)
         s = video_index * C
         d["patches"][s : s + C] = patches
         d["cls"][s : s + C] = cls
@@ -224,9 +237,7 @@ class HDF5FeatureStore(SlotStore):
         d["num_frames"][video_index] = int(num_frames)
         d["fps"][video_index] = float(fps)
         d["error"][video_index] = error.encode("utf-8")
-        self._file.flush()  # ordering barrier: everything above reaches the file before the commit
-        d["status"][video_index] = status
-        self._file.flush()
+        self._file.flush()  # to the kernel now: a SIGKILL cannot lose it; the commit's fsync puts it on the disk
 
     def _write_columns(self, columns: dict[str, np.ndarray]) -> None:
         d = self._writable()
@@ -234,7 +245,7 @@ class HDF5FeatureStore(SlotStore):
             if name == "error":
                 values = np.array([str(e).encode("utf-8") for e in values], dtype=d["error"].dtype)
             d[name][...] = values
-            self._file.flush()  # ordering barrier, as in _write_slots
+            self._sync()  # ordering barrier, as in commit
 
     def clip_writer(self) -> "HDF5ClipWriter":
         offsets = {}
@@ -250,12 +261,16 @@ class HDF5FeatureStore(SlotStore):
 
     def close(self) -> None:
         self._mm = {}
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._file is not None and self._lock is not None:
+                self._close_commits()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 class HDF5ClipWriter(ClipWriter):
@@ -277,6 +292,9 @@ class HDF5ClipWriter(ClipWriter):
             pos, done = offset + video_index * per_video, 0
             while done < len(buf):  # pwrite may write less than asked
                 done += os.pwrite(self._fd, buf[done:], pos + done)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -11,7 +11,9 @@ every shard gets a fair mix of a class-sorted list). The shards share one store 
   videos, so shards do not write them. After a video's clips are written, its shard appends
   one JSON line to its journal, ``shard-IIIII-of-NNNNN.jsonl``; that line is the shard's
   commit. A killed shard leaves at most a torn last line, which readers ignore and the next
-  run of the shard cuts off.
+  run of the shard cuts off. As a store's statuses are (spool.stores._common, "Durability"),
+  the lines are batched: held back, then appended once the clips they point to are fsynced,
+  and fsynced themselves, once per ``COMMIT_INTERVAL_S``.
 * One exclusive writer merges the journals into the store (``SlotStore.apply_records``, with
   the status written last as usual) and replaces each finished journal by a small ``.done``
   marker. Any ``open_store(path, "a")`` merges first; so do torchrun's rank 0 once every rank
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from spool.stores._common import WriterLock, check_video_write, truncate_reason
+from spool.stores._common import COMMIT_INTERVAL_S, WriterLock, check_video_write, fsync_paths, truncate_reason
 from spool.stores.base import DONE, FAILED, PENDING, StoreBusyError, StoreError
 
 _JOURNAL = re.compile(r"shard-(\d+)-of-(\d+)\.jsonl")
@@ -205,11 +207,15 @@ class ShardWriter:
                 if whole != journal_file.stat().st_size:
                     os.truncate(journal_file, whole)  # drop a torn line so appends start on a fresh one
             self._journal = open(journal_file, "ab")
+            fsync_paths([journal_file, d, d.parent])  # the journal's name, durable before its lines are
             self._clips = self.store.clip_writer()
         except BaseException:
             self.close()
             raise
         self.written = 0
+        self._lines: list[bytes] = []  # journal lines whose clips are written but not yet synced
+        self._lines_since: float | None = None
+        self._write_failed = False
 
     def _check_owned(self, video_index: int) -> None:
         if not 0 <= video_index < self.store.num_videos or video_index % self.count != self.index:
@@ -219,8 +225,29 @@ class ShardWriter:
             )
 
     def _append(self, line: bytes) -> None:
-        self._journal.write(line)
-        self._journal.flush()
+        self._lines.append(line)
+        now = time.monotonic()
+        if self._lines_since is None:
+            self._lines_since = now
+        if now - self._lines_since >= self.commit_interval:
+            self.commit()
+
+    commit_interval: float = COMMIT_INTERVAL_S
+
+    def commit(self) -> None:
+        """Append the held-back lines once the clips they point to are on the disk, then fsync them."""
+        if not self._lines:
+            return
+        try:
+            self._clips.sync()
+            self._journal.write(b"".join(self._lines))
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except BaseException:
+            self._write_failed = True
+            raise
+        self._lines.clear()
+        self._lines_since = None
 
     def write_video(
         self, video_index: int, patches: np.ndarray, cls: np.ndarray, frame_indices: np.ndarray, num_frames: int, fps: float
@@ -230,28 +257,41 @@ class ShardWriter:
         patches, cls, frame_indices = check_video_write(
             video_index, s.num_videos, patches, cls, frame_indices, s.clips_per_video, s.num_frames, s.num_tokens, s.dim, s.path
         )  # fmt: skip
-        self._clips.write(video_index, patches, cls)
+        self._write_clips(video_index, patches, cls)
         self._append(journal_line(video_index, DONE, num_frames, fps, frame_indices, ""))
         self.written += 1
+
+    def _write_clips(self, video_index: int, patches: np.ndarray, cls: np.ndarray) -> None:
+        try:
+            self._clips.write(video_index, patches, cls)
+        except BaseException:
+            self._write_failed = True
+            raise
 
     def mark_failed(self, video_index: int, reason: str, num_frames: int = 0, fps: float = 0.0) -> None:
         s = self.store
         self._check_owned(video_index)
         C, T = s.clips_per_video, s.num_frames
         # Zero the slots (zarr deletes the chunks), as SlotStore.mark_failed does.
-        self._clips.write(video_index, np.zeros((C, T, s.num_tokens, s.dim), "<f2"), np.zeros((C, T, s.dim), "<f2"))
+        self._write_clips(video_index, np.zeros((C, T, s.num_tokens, s.dim), "<f2"), np.zeros((C, T, s.dim), "<f2"))
         self._append(journal_line(video_index, FAILED, num_frames, fps, np.full((C, T), -1), reason))
         self.written += 1
 
     def finish(self) -> None:
         """Record that this shard has no pending video left."""
-        self._append(json.dumps({"finished": True, "at": _now()}, separators=(",", ":")).encode() + b"\n")
+        self._lines.append(json.dumps({"finished": True, "at": _now()}, separators=(",", ":")).encode() + b"\n")
+        self.commit()
 
     def close(self) -> None:
-        for closer in (self._clips, self._journal, self.store, self._shard_lock, self._store_lock):
-            if closer is not None:
-                (closer.release if isinstance(closer, WriterLock) else closer.close)()
-        self._clips = self._journal = self.store = self._shard_lock = self._store_lock = None
+        try:
+            # what is held back goes in, unless a write failed before (that error was raised already)
+            if self._journal is not None and getattr(self, "_lines", None) and not self._write_failed:
+                self.commit()
+        finally:
+            for closer in (self._clips, self._journal, self.store, self._shard_lock, self._store_lock):
+                if closer is not None:
+                    (closer.release if isinstance(closer, WriterLock) else closer.close)()
+            self._clips = self._journal = self.store = self._shard_lock = self._store_lock = None
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -291,7 +331,9 @@ def merge_journals(store) -> int:
             marker = {"shard": f"{journal.index}/{journal.count}", "videos": len(journal.records), "merged_at": _now()}
             tmp = d / f"{stem}.done.tmp"
             tmp.write_text(json.dumps(marker) + "\n")
+            fsync_paths([tmp])
             tmp.replace(d / f"{stem}.done")
+            fsync_paths([d])  # the marker, durable before the journal it replaces goes
         # Applied, so the journal can go: a re-run of an unfinished shard finds its videos DONE in the store.
         (d / f"{stem}.jsonl").unlink()
         (d / f"{stem}.lock").unlink(missing_ok=True)  # no shard holds it: the store lock is ours alone

@@ -7,6 +7,11 @@ either old or new, never torn, and the commit protocol only needs ordering: a vi
 chunks are written (and renamed) before the status chunk that says DONE. A killed writer may
 leave ``*.partial`` files; the next writer removes them when it opens the store.
 
+For a power loss, ordering the writes is not enough: the kernel may write the status chunk
+to the disk before the clip chunks. So every chunk file a video's write touches is noted,
+and ``_sync`` fsyncs them and the directories leading to them (new chunk directories,
+renamed entries) before the statuses are written (spool.stores._common, "Durability").
+
 Reads of patches and cls bypass zarr: their chunks are uncompressed, one clip per chunk, so a
 clip is ``readinto`` straight from its chunk file (see docs/benchmarks.md, "Store reads").
 Stores whose chunks are compressed or laid out differently fall back to zarr indexing.
@@ -14,7 +19,9 @@ Stores whose chunks are compressed or laid out differently fall back to zarr ind
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import mmap
 import os
 import shutil
@@ -37,9 +44,12 @@ from spool.stores._common import (
     clip_tables,
     expected_arrays,
     fill_value,
+    fsync_paths,
     output_buffer,
+    sync_tree,
+    with_directories,
 )
-from spool.stores.base import DONE, PENDING, StoreError
+from spool.stores.base import DONE, StoreError
 
 LOCK_NAME = ".spool-writer.lock"
 # Populate the mapping in one go rather than page fault by page fault (Linux only).
@@ -65,6 +75,17 @@ def _array_kwargs(name: str, spec_shape: tuple[int, ...], clips_per_video: int) 
         return dict(chunks=(1, *spec_shape[1:]), compressors=None)
     rows = VIDEO_CHUNK * (clips_per_video if name in ("label", "video_index", "view_index", "split", "frame_indices") else 1)
     return dict(chunks=(min(rows, spec_shape[0]), *spec_shape[1:]))
+
+
+def chunk_files(root: Path, name: str, arr: zarr.Array, start: int, stop: int) -> list[Path]:
+    """The chunk files of array ``name`` that hold rows ``start:stop`` (whether they exist or not)."""
+    if stop <= start:
+        return []
+    rows = arr.chunks[0]
+    encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    rest = itertools.product(*(range(math.ceil(n / c)) for n, c in zip(arr.shape[1:], arr.chunks[1:])))
+    rest = list(rest)
+    return [root / name / encode((i, *r)) for i in range(start // rows, (stop - 1) // rows + 1) for r in rest]
 
 
 def create_zarr(
@@ -103,6 +124,7 @@ def create_zarr(
                 elif name == "video_id":
                     arr[:] = np.array(video_ids, dtype=object)
         new_lock = WriterLock(tmp / LOCK_NAME, path)  # flock follows the inode through the rename
+        sync_tree(tmp)  # complete on the disk before its name appears
         if old_lock is not None:
             trash = path.parent / f".{path.name}.deleting-{os.getpid()}"
             os.rename(path, trash)
@@ -111,6 +133,7 @@ def create_zarr(
             shutil.rmtree(trash)
         else:
             os.rename(tmp, path)
+        fsync_paths([path.parent])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for lock in (old_lock, locals().get("new_lock")):
@@ -135,6 +158,8 @@ class ZarrFeatureStore(SlotStore):
         check_schema_attrs(attrs, self.path)
         self.attrs = attrs
         self._lock = _lock
+        self._start_commits()
+        self._written: set[Path] = set()  # chunk files written since the last _sync
         if mode == "a" and self._lock is None:
             self._lock = WriterLock(self.path / LOCK_NAME, self.path)
         try:
@@ -239,16 +264,26 @@ class ZarrFeatureStore(SlotStore):
             raise StoreError(f"{self.path} is open read-only (or closed); open it with mode='a' to write")
         return self._arrays
 
-    def _uncommit(self, video_index: int) -> None:
-        # Rewriting a DONE/FAILED video: drop its commit first so a kill midway leaves it PENDING.
-        a = self._arrays
-        if int(a["status"][video_index]) != PENDING:
-            a["status"][video_index] = PENDING
+    def _note(self, name: str, start: int, stop: int) -> None:
+        self._written.update(chunk_files(self.path, name, self._arrays[name], start, stop))
 
-    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str, status: int) -> None:
+    def _sync(self) -> None:
+        fsync_paths(with_directories(self._written, self.path))
+        self._written.clear()
+
+    def _status_of(self, video_index: int) -> int:
+        return int(self._arrays["status"][video_index])
+
+    def _write_status(self, video_indices: np.ndarray, status: np.ndarray) -> None:
+        # one renamed chunk per 1024 videos: each is written whole or not at all
+        self._writable()["status"].set_orthogonal_selection((video_indices,), status)
+        rows = self._arrays["status"].chunks[0]
+        for chunk in np.unique(video_indices // rows):
+            self._note("status", int(chunk) * rows, int(chunk) * rows + 1)
+
+    def _write_slots(self, video_index: int, patches: Any, cls: Any, frame_indices: Any, num_frames: int, fps: float, error: str) -> None:
         a = self._writable()
         C = self.clips_per_video
-        self._uncommit(video_index)
         s = video_index * C
         a["patches"][s : s + C] = patches  # all zeros (a failed video): zarr drops the chunks
         a["cls"][s : s + C] = cls
@@ -256,7 +291,10 @@ class ZarrFeatureStore(SlotStore):
         a["num_frames"][video_index] = int(num_frames)
         a["fps"][video_index] = float(fps)
         a["error"][video_index] = error
-        a["status"][video_index] = status  # the commit: written last, atomically (one renamed chunk)
+        for name in ("patches", "cls", "frame_indices"):
+            self._note(name, s, s + C)
+        for name in ("num_frames", "fps", "error"):
+            self._note(name, video_index, video_index + 1)
 
     def _write_columns(self, columns: dict[str, np.ndarray]) -> None:
         a = self._writable()
@@ -264,14 +302,20 @@ class ZarrFeatureStore(SlotStore):
             warnings.simplefilter("ignore")  # variable-length strings, see create_zarr
             for name, values in columns.items():
                 a[name][:] = np.asarray(values, dtype=object) if name in ("video_id", "error") else values
+                self._note(name, 0, a[name].shape[0])
+                self._sync()  # the ordering barrier, as in commit
 
     def clip_writer(self) -> "ZarrClipWriter":
         return ZarrClipWriter(self.path, self.clips_per_video)
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._lock is not None:
+                self._close_commits()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 class ZarrClipWriter(ClipWriter):
@@ -282,13 +326,21 @@ class ZarrClipWriter(ClipWriter):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        self.path = Path(path)
         self._patches, self._cls = group["patches"], group["cls"]
         self._C = clips_per_video
+        self._written: set[Path] = set()
 
     def write(self, video_index: int, patches: np.ndarray, cls: np.ndarray) -> None:
         s = video_index * self._C
         self._patches[s : s + self._C] = patches  # all zeros (a failed video): zarr drops the chunks
         self._cls[s : s + self._C] = cls
+        for name, arr in (("patches", self._patches), ("cls", self._cls)):
+            self._written.update(chunk_files(self.path, name, arr, s, s + self._C))
+
+    def sync(self) -> None:
+        fsync_paths(with_directories(self._written, self.path))
+        self._written.clear()
 
     def close(self) -> None:
         self._patches = self._cls = None

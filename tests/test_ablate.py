@@ -141,9 +141,58 @@ def test_failing_run_is_recorded_and_the_others_go_on(store, tmp_path, monkeypat
     assert "1 failed" in (tmp_path / "out" / "summary.md").read_text()
 
     monkeypatch.setattr(spool.train, "train_head", real)
-    retried = run_ablation(grid, progress=False)  # only the failed run trains again
-    assert (retried.trained, retried.skipped, retried.failed) == (1, 3, 0)
+    kept = run_ablation(grid, progress=False)  # as extract keeps failed videos: failed until asked
+    assert (kept.trained, kept.skipped, kept.failed, kept.kept_failed) == (0, 3, 0, 1)
+    assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["ok", "ok", "failed", "ok"]
+    assert "--retry-failed" in (tmp_path / "out" / "summary.md").read_text()
+
+    retried = run_ablation(grid, progress=False, retry_failed=True)  # only the failed run trains again
+    assert (retried.trained, retried.skipped, retried.failed, retried.retried) == (1, 3, 0, 1)
     assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["ok"] * 4
+
+
+def test_retry_failed_reaches_run_ablation_and_the_summary_says_what_was_kept(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import spool.ablate
+    from spool.ablate import AblationResult
+    from spool.cli.app import app
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"store": "s.zarr", "out": str(tmp_path / "out"), "grid": {"range": [1]}}))
+    seen = {}
+
+    def fake(grid, **kw):
+        seen.update(kw)
+        return AblationResult(grid=grid, cells=[], runs=[], kept_failed=0 if kw["retry_failed"] else 2)
+
+    monkeypatch.setattr(spool.ablate, "run_ablation", fake)
+    kept = CliRunner().invoke(app, ["ablate", str(grid_file), "-q"])
+    assert seen["retry_failed"] is False and kept.exit_code == 1
+    assert "2 runs failed" in kept.output and "--retry-failed trains them again" in " ".join(kept.output.split())
+    retried = CliRunner().invoke(app, ["ablate", str(grid_file), "-q", "--retry-failed"])
+    assert seen["retry_failed"] is True and retried.exit_code == 0, retried.output
+
+
+def test_a_second_ablation_on_the_same_out_is_refused_naming_the_first(store, tmp_path):
+    out = tmp_path / "out"
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", store, out, grid={"range": [1]}, seeds=[0], baselines=[]))
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from spool.ablate import lock_out; "
+         "lock_out(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GridError, match=rf"in use by another `spool ablate`, PID {holder.pid} .*lock file"):
+            run_ablation(grid, progress=False)
+        assert not (out / "runs").exists()  # the second trained nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    again = run_ablation(grid, progress=False)  # the kernel dropped the dead holder's lock
+    assert again.trained == 1
 
 
 @pytest.mark.slow

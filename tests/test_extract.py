@@ -363,3 +363,34 @@ def test_a_lost_clip_of_a_done_video_in_hdf5_is_refused_and_verify_repair_restor
     assert result.done == 1 and result.skipped == 11
     assert verify(damaged).ok
     _assert_same_content(small_store, damaged)
+
+
+def test_default_workers_follow_the_cores_and_the_device():
+    from spool.extract import default_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    table = {  # (device, cores) -> decode workers
+        (cpu, 1): 0, (cpu, 2): 0, (cpu, 3): 1, (cpu, 4): 1, (cpu, 8): 2, (cpu, 64): 16,
+        (gpu, 1): 1, (gpu, 2): 1, (gpu, 16): 15, (gpu, 96): 16,
+    }  # fmt: skip
+    assert {k: default_workers(*k) for k in table} == table
+
+
+def test_workers_not_given_reach_the_config_as_none_and_the_help_says_how_they_are_chosen(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_extract(cfg, **kw):
+        from spool.extract import ExtractResult
+
+        seen["workers"] = cfg.workers
+        return ExtractResult(store=cfg.out, done=1, total_done=1, workers=0)
+
+    monkeypatch.setattr("spool.extract.run_extract", fake_run_extract)
+    said = CliRunner().invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "f.zarr")])
+    assert said.exit_code == 0, said.output
+    assert seen["workers"] is None and "no decode workers, the default here" in said.output
+    CliRunner().invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "f.zarr"), "--workers", "3"])
+    assert seen["workers"] == 3
+    help_text = CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "300"}).output
+    words = " ".join(w for w in help_text.split() if w != "│")
+    assert "with a GPU, one per core but one" in words and "CPU-only, 0 on 1-2 cores" in words

@@ -255,9 +255,9 @@ def test_slurm_jobs_array_failures_ctrl_c_and_reattach(store, tmp_path, fake_slu
     assert "job 4242_0 ended without a result (state OUT_OF_MEMORY): slurmstepd: error: Detected 1 oom-kill" in rows[0]["error"]
     assert "(state TIMEOUT)" in rows[1]["error"]
 
-    # re-run: the failed runs are submitted again (a new array), the running job is re-attached
+    # re-run with --retry-failed: the failed runs are submitted again (a new array), the running job is re-attached
     with pytest.raises(KeyboardInterrupt):
-        run_ablation(load_grid(grid_file), progress=False)
+        run_ablation(load_grid(grid_file), progress=False, retry_failed=True)
     assert (fake_slurm / "submitted_1.sh").exists() and not (fake_slurm / "submitted_2.sh").exists()
     assert "#SBATCH --array=0-1%2" in (fake_slurm / "submitted_1.sh").read_text()
     assert list(job_ids(out).values()) == ["4243_0", "4243_1", "4242_2"]

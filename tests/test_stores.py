@@ -362,6 +362,7 @@ WRITER = textwrap.dedent(
     from test_stores import write
     from spool.stores import open_store
     store = open_store({path!r}, "a")
+    store.commit_interval = 0  # commit every video, so that kills land in commits too
     todo = store.pending_videos().tolist()
     random.Random({seed}).shuffle(todo)
     print("ready", flush=True)
@@ -421,3 +422,162 @@ def test_sigkill_leaves_a_consistent_resumable_store(tmp_path, suffix):
     with open_store(path) as a, open_store(reference) as b:
         assert a.pending_videos().size == 0
         assert_same_content(content(a), content(b))
+
+
+# --- durability (power loss) ------------------------------------------------------------------
+
+
+def record_syscalls(monkeypatch, root: Path) -> list[tuple[str, str]]:
+    """Every fsync, rename and unlink under ``root`` in the order the process makes them, from
+    any thread: ("fsync", path), ("rename", destination), ("unlink", path). HDF5 writes its
+    bytes in C, so for it the status writes are recorded at the store's method instead."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rename, real_unlink = os.fsync, os.replace, os.rename, os.unlink
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        real_fsync(fd)  # recorded once it returned: the data is on the disk from here on
+        events.append(("fsync", path))
+
+    def replace(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        events.append(("rename", str(dst)))
+
+    def rename(src, dst, *a, **kw):
+        real_rename(src, dst, *a, **kw)
+        events.append(("rename", str(dst)))
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        events.append(("unlink", str(path)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    return events
+
+
+def assert_synced_before_each_status_write(events, root: Path, is_status) -> int:
+    """Each status write comes after an fsync of every data file written before it, and of the
+    directories between that file and ``root``, made after that write. Returns how many
+    status writes were checked."""
+    unsynced: dict[str, int] = {}  # path -> position of its last unsynced change
+    checked = 0
+    for n, (kind, path) in enumerate(events):
+        if kind in ("rename", "unlink") and not is_status(path):
+            p = Path(path)
+            unsynced[path] = n
+            for d in [d for d in p.parents if root in d.parents or d == root]:
+                unsynced[str(d)] = n
+        elif kind == "fsync":
+            unsynced.pop(path, None)
+        elif is_status(path):
+            assert not unsynced, f"status write {path} (event {n}) precedes the sync of {sorted(unsynced)[:5]}"
+            checked += 1
+    return checked
+
+
+def test_zarr_status_is_written_only_after_its_chunks_and_their_directories_are_fsynced(tmp_path, monkeypatch):
+    path = tmp_path / "durable.zarr"
+    store = new_store(path, m=12)
+    events = record_syscalls(monkeypatch, path)
+    for v in range(8):
+        write(store, v)  # one failed video among them (v % 5 == 3): zarr deletes its zero chunks
+        if v == 4:
+            store.commit()  # two commits, of videos 0-4 and of 5-7
+    write(store, 0)  # a rewrite: its PENDING must be durable before the new data goes in
+    store.close()  # commits the rest
+    renames = [p for k, p in events if k == "rename"]
+    assert any("/patches/c/" in p for p in renames) and any("/status/c/" in p for p in renames)
+    assert assert_synced_before_each_status_write(events, path, lambda p: "/status/c/" in p and not p.endswith(".partial")) >= 3
+    # the statuses themselves are durable when close returns
+    last_status = max(i for i, (k, p) in enumerate(events) if k == "rename" and "/status/c/" in p)
+    assert ("fsync", str(path / "status" / "c" / "0")) in events[last_status:]
+    assert ("fsync", str(path / "status" / "c")) in events[last_status:]
+    with open_store(path) as s:
+        assert list(s.videos().status[:9]) == [DONE, DONE, DONE, FAILED, DONE, DONE, DONE, DONE, PENDING]
+
+
+def test_hdf5_status_bytes_are_written_only_after_an_fsync_of_the_features(tmp_path, monkeypatch):
+    from spool.stores.hdf5_store import HDF5FeatureStore
+
+    path = tmp_path / "durable.h5"
+    store = new_store(path, m=12)
+    events = record_syscalls(monkeypatch, path)
+    real_slots, real_status = HDF5FeatureStore._write_slots, HDF5FeatureStore._write_status
+
+    def slots(self, v, *a):
+        real_slots(self, v, *a)
+        events.append(("data", str(path)))
+
+    def status(self, idx, st):
+        events.append(("status", f"{idx.tolist()}={st.tolist()}"))
+        real_status(self, idx, st)
+
+    monkeypatch.setattr(HDF5FeatureStore, "_write_slots", slots)
+    monkeypatch.setattr(HDF5FeatureStore, "_write_status", status)
+    for v in range(8):
+        write(store, v)
+        if v == 4:
+            store.commit()
+    write(store, 1)  # rewrite: what is staged is committed, then PENDING, fsync, then the new data
+    store.close()
+    dirty, commits = False, []
+    for kind, what in events:
+        if kind == "data":
+            dirty = True
+        elif kind == "fsync" and what == str(path):
+            dirty = False
+        elif kind == "status":
+            assert not dirty, f"status write {what} precedes the fsync of the features written before it"
+            commits.append(what)
+    assert commits == ["[0, 1, 2, 3, 4]=[1, 1, 1, 2, 1]", "[5, 6, 7]=[1, 1, 1]", "[1]=[0]", "[1]=[1]"]
+    assert events[-1] == ("fsync", str(path))  # the last commit is on the disk when close returns
+
+
+def test_shard_journal_lines_follow_the_sync_of_their_clips(tmp_path, monkeypatch, suffix):
+    from spool.stores.shards import ShardWriter, shards_dir
+
+    path = tmp_path / f"sharded{suffix}"
+    new_store(path, m=8).close()
+    events = record_syscalls(monkeypatch, path)
+    journal = shards_dir(path) / "shard-00000-of-00002.jsonl"
+    real_write = None
+
+    with ShardWriter(path, 0, 2) as shard:
+        real_write = shard._journal.write
+
+        def journal_write(data):
+            events.append(("journal", data.decode().count("\n")))
+            return real_write(data)
+
+        shard._journal = SimpleJournal(shard._journal, journal_write)
+        for v in (0, 2, 4):
+            patches, cls, frames, nf, fps = video_data(v)
+            shard.write_video(v, patches, cls, frames, nf, fps)
+        shard.mark_failed(6, "broken")
+        shard.finish()
+    lines = [e for e in events if e[0] == "journal"]
+    assert sum(n for _, n in lines) == 5  # 4 videos and the finish marker
+    first = events.index(lines[0])
+    synced = {p for k, p in events[:first] if k == "fsync"}
+    if suffix == ".zarr":
+        for v in (0, 2, 4):
+            for c in range(C):
+                chunk = path / "patches" / "c" / str(v * C + c) / "0" / "0" / "0"
+                assert str(chunk) in synced and str(chunk.parent) in synced
+        assert str(path / "patches" / "c") in synced
+    else:
+        assert str(path) in synced
+    assert ("fsync", str(journal)) in events[first:]
+
+
+class SimpleJournal:
+    """A journal file whose writes go through ``write`` (to record them)."""
+
+    def __init__(self, f, write):
+        self._f, self.write = f, write
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
