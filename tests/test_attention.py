@@ -88,3 +88,23 @@ def test_flex_equals_dense_on_cuda_with_gradients(context):
 
 def test_backend_table_names():
     assert set(ATTENTION) == {"flex", "blocked", "dense"}
+
+
+@pytest.mark.parametrize("shape,na,context,r", [((1, 0), 0, True, 0), ((3, 1), 1, True, 1), ((5, 2), 3, False, 0),
+                                                ((4, 4), 2, True, 1), ((2, 1), 1, False, 2)])  # fmt: skip
+def test_every_backend_computes_the_spatial_window(shape, na, context, r):
+    T, k = shape
+    L = 9  # a 3x3 grid
+    kw = dict(rule(T, L, k, na, context), spatial_range=r)
+    q, k_, v = random_qkv(T, L, context, seed=T * 10 + r)
+    ref = dense_attention(q, k_, v, **kw)
+    out = blocked_attention(q, k_, v, **kw)
+    grad_out = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref)
+    for g, e in zip(torch.autograd.grad(out, (q, k_, v), grad_out), torch.autograd.grad(ref, (q, k_, v), grad_out)):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():
+        torch.testing.assert_close(flex_attention(q, k_, v, **kw), ref, atol=1e-6, rtol=1e-6)
+    # the window is not ignored: it changes the result unless it covers the 3x3 grid (r >= 2)
+    unwindowed = dense_attention(q, k_, v, **rule(T, L, k, na, context))
+    assert torch.allclose(unwindowed, ref) == (r >= 2)  # (a frame's own tokens are windowed too)

@@ -43,6 +43,28 @@ def test_train_head_options_reach_train_config(monkeypatch, tmp_path):
     assert seen["progress"] is False and seen["dist"] is None  # not under torchrun
 
 
+def test_motion_options_reach_train_config_and_bad_values_are_refused(monkeypatch, tmp_path):
+    seen = {}
+
+    class Result:
+        def result_line(self):
+            return "ok"
+
+    monkeypatch.setattr("spool.train.train_head", lambda cfg, **kw: seen.setdefault("cfg", cfg) and Result())
+    store = str(tmp_path / "feats.zarr")
+    result = runner.invoke(app, ["train-head", store, "--no-spatial-embedding", "--correlation", "none",
+                                 "--spatial-range", "1", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = seen.pop("cfg")
+    assert (cfg.spatial_embedding, cfg.correlation_range, cfg.spatial_range) == (False, None, 1)
+    assert runner.invoke(app, ["train-head", store, "-q"]).exit_code == 0
+    cfg = seen.pop("cfg")  # the defaults: what reads motion in real features
+    assert (cfg.spatial_embedding, cfg.correlation_range, cfg.spatial_range) == (True, 2, None)
+    for option, value in (("--correlation", "-1"), ("--spatial-range", "wide")):
+        bad = runner.invoke(app, ["train-head", store, option, value])
+        assert bad.exit_code == 2 and option in bad.output and "cfg" not in seen
+
+
 @pytest.mark.parametrize("head", ["full", "factorized"])
 def test_train_head_takes_the_reference_heads_and_range_all(monkeypatch, tmp_path, head):
     seen = {}

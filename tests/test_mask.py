@@ -138,3 +138,61 @@ def test_render_mask_labels_and_zero_head_group():
     row_1 = next(line for line in lines if line.startswith("1 "))
     # lookback row for frame 1 then lookahead row for frame 1, side by side.
     assert row_1.split() == ["1", "#", "#", ".", ".", ".", ".", "1", ".", "#", "#", ".", ".", "#"]
+
+
+# ---- the spatial window ------------------------------------------------------------------
+
+
+def test_patch_near_on_a_3x3_grid_by_hand():
+    from spool.mask import patch_near
+
+    # positions 0..8 row-major; r = 1 around the centre (4) is everything, around a corner (0) its 2x2 block
+    near = patch_near(torch.arange(9)[:, None], torch.arange(9)[None, :], num_tokens=9, spatial_range=1)
+    expected = table(
+        """
+        # # . # # . . . .
+        # # # # # # . . .
+        . # # . # # . . .
+        # # . # # . # # .
+        # # # # # # # # #
+        . # # . # # . # #
+        . . . # # . # # .
+        . . . # # # # # #
+        . . . . # # . # #
+        """
+    )
+    assert torch.equal(near, expected)
+    assert bool(patch_near(0, 8, num_tokens=9, spatial_range=None))  # no window: every position
+    assert torch.equal(patch_near(torch.arange(9)[:, None], torch.arange(9)[None, :], num_tokens=9, spatial_range=0),
+                       torch.eye(9, dtype=torch.bool))  # fmt: skip
+
+
+def test_spatial_window_applies_between_clip_frames_only():
+    from spool.mask import spatial_token_mask
+
+    # T=1, L=4 (2x2), r=0: frames C_s, 1, C_e; a clip token sees only its own position in clip
+    # frames, while context frames read and are read from every position
+    m = spatial_token_mask(1, 4, 0, context_frames=True)  # (12, 12)
+    clip = slice(4, 8)
+    assert torch.equal(m[clip, clip], torch.eye(4, dtype=torch.bool))
+    assert m[:4].all() and m[8:].all() and m[:, :4].all() and m[:, 8:].all()
+    assert torch.equal(spatial_token_mask(2, 4, 0, context_frames=False), torch.eye(4, dtype=torch.bool).repeat(2, 2))
+
+
+def test_token_mask_is_the_frame_rule_and_the_spatial_window():
+    from spool.mask import spatial_token_mask
+
+    T, L, k = 3, 4, 1
+    plain = token_mask(T, L, k, num_heads=2, num_lookahead_heads=1)
+    windowed = token_mask(T, L, k, num_heads=2, num_lookahead_heads=1, spatial_range=0)
+    assert torch.equal(windowed, plain & spatial_token_mask(T, L, 0))
+    assert windowed.sum() < plain.sum()
+
+
+def test_a_spatial_window_needs_a_square_grid():
+    import pytest
+
+    from spool.mask import patch_near
+
+    with pytest.raises(ValueError, match="L = 6 tokens is not a square"):
+        patch_near(0, 1, num_tokens=6, spatial_range=1)

@@ -236,3 +236,72 @@ def test_checkpoint_head_name_and_attention_must_agree():
         build_head("factorized", dataclasses.asdict(tiny()))
     legacy = {k: v for k, v in dataclasses.asdict(tiny()).items() if k != "attention"}  # written before attention
     assert build_head("spool", legacy).cfg.attention == "spool"
+
+
+# ---- reading motion: spatial embedding, local correlation, spatial window --------------------
+
+
+def test_local_correlation_by_hand():
+    """Token p of frame t gets cos(x[t, p], x[t + tau, p + shift]) for each tau and shift; zero where
+    the frame or the position falls outside the clip."""
+    from spool.model import LocalCorrelation
+
+    corr = LocalCorrelation(in_dim=3, dim=2, num_tokens=4, frames=1, correlation_range=1)  # 2x2 grid
+    x = torch.randn(1, 2, 4, 3, generator=torch.Generator().manual_seed(0))
+    captured = {}
+    corr.norm.register_forward_hook(lambda m, inp, out: captured.setdefault("raw", inp[0]))
+    corr.eval()(x)
+    raw = captured["raw"].view(1, 2, 4, -1)  # (B, T, L, 2 offsets * 9 shifts), offsets (-1, +1)
+    z = torch.nn.functional.normalize(x, dim=-1)
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    for t, tau_slot, tau in ((0, 1, 1), (1, 0, -1)):
+        for p in range(4):
+            for s, (dy, dx) in enumerate(shifts):
+                row, col = p // 2 + dy, p % 2 + dx
+                expected = 0.0
+                if 0 <= row < 2 and 0 <= col < 2:
+                    expected = float(z[0, t, p] @ z[0, t + tau, row * 2 + col])
+                assert float(raw[0, t, p, tau_slot * 9 + s]) == pytest.approx(expected, abs=1e-6)
+    # the offsets that leave the clip are zero: frame 0 has no frame -1, frame 1 no frame 2
+    assert raw[0, 0, :, :9].abs().max() == 0 and raw[0, 1, :, 9:].abs().max() == 0
+
+
+def test_motion_options_build_train_and_count_their_parameters():
+    cfg = tiny(num_tokens=4, spatial_embedding=True, correlation_range=1, correlation_frames=1, spatial_range=0)
+    model = SpoolHead(cfg, device="cpu")
+    names = {n for n, _ in model.named_parameters()}
+    assert {"framing.space_embed", "framing.correlation.proj.weight"} <= names
+    model(patches(cfg, batch=3)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    plain = SpoolHead(tiny(num_tokens=4), device="cpu")
+    # + the (L, dim) spatial embedding + Linear(2 offsets x 9 shifts = 18 features, dim)
+    assert model.param_count() == plain.param_count() + 4 * 24 + (18 + 1) * 24
+
+
+def test_the_spatial_window_changes_what_a_token_sees():
+    """With r = 0 a clip token's output does not move when another position of another clip
+    frame changes; without the window it does."""
+    torch.manual_seed(0)
+    for r, moves in ((0, False), (None, True)):
+        cfg = tiny(num_tokens=4, depth=1, spatial_range=r, context_frames=False)
+        model = SpoolHead(cfg, device="cpu").eval()
+        x = patches(cfg, batch=2)
+        y = x.clone()
+        y[:, 1, 3] += 5.0  # frame 1, position 3
+        a = model.framing(x)
+        b = model.framing(y)
+        out_a, out_b = model.blocks[0](a), model.blocks[0](b)  # (B, T*L, dim)
+        token = 0 * cfg.num_tokens + 0  # frame 0, position 0: frame 1 is in its lookahead window
+        assert (not torch.allclose(out_a[:, token], out_b[:, token])) == moves
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(spatial_range=-1), "spatial_range must be >= 0"),
+    (dict(spatial_range=1), "L = 3 tokens is not a square"),
+    (dict(correlation_range=1, correlation_frames=4), "correlation_frames=4 must be between 1 and"),
+    (dict(correlation_range=-2), "correlation_range must be >= 0"),
+])  # fmt: skip
+def test_motion_option_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
