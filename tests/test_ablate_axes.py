@@ -110,8 +110,9 @@ def test_store_axis_end_to_end(tmp_path, monkeypatch):
     a = backbone_store(tmp_path / "dino.zarr", "dinov2_vits14", D=8, L=4)
     b = backbone_store(tmp_path / "clip.zarr", "clip_b16", D=12, L=9, seed=1)
     loads = []
-    load = spool.ablate._load_group
-    monkeypatch.setattr(spool.ablate, "_load_group", lambda g, store, *a, **k: loads.append(store) or load(g, store, *a, **k))
+    load = spool.ablate.load_group_features
+    monkeypatch.setattr(spool.ablate, "load_group_features",
+                        lambda g, store, *a, **k: loads.append(store) or load(g, store, *a, **k))  # fmt: skip
     g = parse_grid({"out": str(tmp_path / "out"), "base": {**BASE, "heads": 4, "dim": None}, "workers": 0,
                     "grid": {"store": [a, b]}, "configs": [{"head": "full"}], "baselines": ["mean-linear"]})  # fmt: skip
     result = run_ablation(g, progress=False)
