@@ -175,7 +175,7 @@ class LocalCorrelation(nn.Module):
             near = torch.gather(sim, 3, self.neighbours.expand(B, T, -1, -1))  # (B, T, L, n)
             features.append(near * self.inside * valid[:, None, None])
         c = torch.cat(features, dim=-1)  # (B, T, L, 2*frames*n)
-        c = self.norm(c.flatten(0, 2)).view(B, T, L, -1)
+        c = self.norm(c.flatten(0, 2)).view(c.shape)  # (B = 0, a rank's empty share, has no -1 to infer)
         return self.proj(c)  # (B, T, L, dim)
 
 

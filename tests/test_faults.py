@@ -152,11 +152,15 @@ def test_nan_features_are_named_by_verify_and_stop_training(tmp_path):
 
 @pytest.fixture(scope="module")
 def long_toy(tmp_path_factory) -> Path:
-    """More videos than `toy`, so that Ctrl-C lands between the first finished video and the last."""
+    """More videos than `toy`, so that Ctrl-C lands between the first finished video and the last.
+
+    A finished video shows only once its commit is made (at most COMMIT_INTERVAL_S after it is
+    written, spool.stores): the run must last well past the first commit, on a loaded machine too.
+    """
     from spool.toy import make_toy
 
     root = tmp_path_factory.mktemp("long_toy")
-    make_toy(root, videos_per_class=8, num_frames=12, size=32, seed=2)  # 48 videos
+    make_toy(root, videos_per_class=24, num_frames=12, size=32, seed=2)  # 144 videos
     return root
 
 
