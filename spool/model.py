@@ -147,7 +147,7 @@ class LocalCorrelation(nn.Module):
     correlation networks for video (Wang et al., CVPR 2020) give it the same way.
     """
 
-    def __init__(self, in_dim, dim, num_tokens, frames, correlation_range):
+    def __init__(self, dim, num_tokens, frames, correlation_range):
         super().__init__()
         side = grid_side(num_tokens)
         r = correlation_range
@@ -416,9 +416,7 @@ class SpoolHead(nn.Module):
         self.cfg = cfg
         correlation = None
         if cfg.correlation_range is not None:
-            correlation = LocalCorrelation(
-                cfg.in_dim, cfg.width, cfg.num_tokens, cfg.correlation_frames, cfg.correlation_range
-            )
+            correlation = LocalCorrelation(cfg.width, cfg.num_tokens, cfg.correlation_frames, cfg.correlation_range)
         self.framing = ContextFraming(
             cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames, cfg.spatial_embedding,
             correlation,

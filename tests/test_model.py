@@ -246,7 +246,7 @@ def test_local_correlation_by_hand():
     the frame or the position falls outside the clip."""
     from spool.model import LocalCorrelation
 
-    corr = LocalCorrelation(in_dim=3, dim=2, num_tokens=4, frames=1, correlation_range=1)  # 2x2 grid
+    corr = LocalCorrelation(dim=2, num_tokens=4, frames=1, correlation_range=1)  # 2x2 grid
     x = torch.randn(1, 2, 4, 3, generator=torch.Generator().manual_seed(0))
     captured = {}
     corr.norm.register_forward_hook(lambda m, inp, out: captured.setdefault("raw", inp[0]))
