@@ -320,3 +320,17 @@ def test_quiet_prints_only_the_result_line(store_path, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'run'}: final val top-1"), quiet.output
     loud = CliRunner().invoke(app, [*args, "--overwrite"])
     assert "epoch 1:" in loud.output and "epoch 2:" in loud.output and "final val top-1" in loud.output
+
+
+def test_runs_from_before_the_motion_options_keep_their_meaning():
+    """A config.json or checkpoint written before --correlation and the spatial embedding existed
+    lacks their keys; it was trained without them, so resuming matches only those options."""
+    from dataclasses import asdict, replace
+
+    from spool.train import TrainConfig, _diff_keys
+
+    old = asdict(TrainConfig(store="s", out="o"))
+    del old["spatial_embedding"], old["correlation_range"]
+    today = TrainConfig(store="s", out="o")
+    assert _diff_keys(old, asdict(today)) == ["correlation_range", "spatial_embedding"]
+    assert _diff_keys(old, asdict(replace(today, spatial_embedding=False, correlation_range=None))) == []
