@@ -50,6 +50,7 @@ from spool.files import write_json
 from spool.distributed import TorchrunEnv, rank_device
 from spool.efficiency import PeakMemory, forward_flops, param_count
 from spool.metrics import classification_metrics, plot_confusion, plot_curves, video_logits
+from spool.mask import grid_side
 from spool.model import HeadConfig
 from spool.progress import make_console
 
@@ -198,11 +199,13 @@ def _correlation(cfg: TrainConfig, num_frames: int, num_tokens: int) -> int | No
     whose window is 0 frames). A token grid that is not square is an error (say the option)."""
     if cfg.correlation_range is None:
         return None
-    if int(round(num_tokens**0.5)) ** 2 != num_tokens:
+    try:
+        grid_side(num_tokens)
+    except ValueError:
         raise TrainError(
             f"--correlation {cfg.correlation_range} needs a square token grid; the store's L = {num_tokens} is not "
             "one. Pass --correlation none"
-        )
+        ) from None
     return cfg.correlation_range if num_frames >= 2 and _reach(cfg, num_frames) >= 1 else None
 
 
