@@ -66,6 +66,8 @@ KEYS: dict[str, Option] = {
     "token-pool": Option("token_pool", int, minimum=1),
     "spatial-embedding": Option("spatial_embedding", bool),
     "correlation": Option("correlation_range", int, optional=True, minimum=0),  # null: off
+    "correlation-token-norm": Option("correlation_token_norm", bool),
+    "correlation-moments": Option("correlation_moments", bool),
     "spatial-range": Option("spatial_range", int, optional=True, minimum=0),  # null: every position
     "norm": Option("norm", str, choices=("batchnorm", "layernorm", "none")),
     "temporal-embedding": Option("temporal_embedding", bool),
@@ -309,7 +311,7 @@ def parse_grid(data: Any, *, source: str | None = None, **overrides) -> GridConf
 
 def _parse(
     data: dict, source, store_override=None, out_override=None, cache_override=None, device_override=None,
-    launcher_override=None, base_override=None,
+    launcher_override=None, base_override=None, seeds_override=None,
 ) -> GridConfig:  # fmt: skip
     for key in data:
         if key not in TOP_KEYS and str(key).replace("_", "-") not in TOP_KEYS:
@@ -381,6 +383,8 @@ def _parse(
             raise GridError(f"{path}: an empty exclusion would drop every cell")
         exclude.append(rule)
 
+    if seeds_override is not None:
+        data["seeds"] = list(seeds_override)  # the command line's --seeds, checked as the file's
     seeds = _list(data.get("seeds", [0]), "seeds", allow_scalar=True)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise GridError(f"seeds: expected a non-empty list of integers >= 0, got {data.get('seeds')!r}")
@@ -479,12 +483,13 @@ def _is_option(key: Any) -> bool:
 
 def load_grid(
     path, *, store_override=None, out_override=None, cache_override=None, device_override=None, launcher_override=None,
-    base_override=None,
+    base_override=None, seeds_override=None,
 ) -> GridConfig:  # fmt: skip
     """Read and validate a grid YAML file; the ``*_override`` values (the command line's, None
     for not given) replace its ``store``, ``out``, ``cache`` and ``device``; ``launcher_override``
     maps launcher keys (``partition``, ``time``, ...) given on the command line to their values;
-    ``base_override`` maps options to values set on top of the file's ``base`` (``--set``)."""
+    ``base_override`` maps options to values set on top of the file's ``base`` (``--set``);
+    ``seeds_override`` replaces its ``seeds`` (``--seeds``)."""
     import yaml
 
     path = Path(path)
@@ -497,7 +502,7 @@ def load_grid(
     return parse_grid(
         data, source=str(path), store_override=store_override, out_override=out_override,
         cache_override=cache_override, device_override=device_override, launcher_override=launcher_override,
-        base_override=base_override,
+        base_override=base_override, seeds_override=seeds_override,
     )  # fmt: skip
 
 

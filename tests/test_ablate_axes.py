@@ -92,6 +92,15 @@ def test_set_replaces_base_keys_and_refuses_axes(tmp_path):
         load_grid(path, base_override={"epoch": 3})
 
 
+def test_seeds_override_replaces_the_files_seeds_and_is_checked_like_them(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"store": "s", "out": "o", "base": BASE, "grid": {"range": [1, 2]}, "seeds": [0, 1, 2]}))
+    assert load_grid(path).seeds == (0, 1, 2)
+    assert load_grid(path, seeds_override=[5]).seeds == (5,)
+    with pytest.raises(GridError, match="seeds: repeated seeds"):
+        load_grid(path, seeds_override=[1, 1])
+
+
 # --- the store axis -----------------------------------------------------------------------
 
 
@@ -165,7 +174,10 @@ def test_seed_ablations_validates_with_store_out_and_epochs_from_the_command_lin
     result = CliRunner().invoke(app, ["ablate", str(EXAMPLE), "--store", tiny_store, "--out", str(out),
                                       "--set", "epochs=1", "--dry-run"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "16 cells x 3 seeds" in result.output and "epochs=1" in result.output and not out.exists()
+    assert "16 cells x 3 seeds" in result.output
+    one_seed = CliRunner().invoke(app, ["ablate", str(EXAMPLE), "--store", tiny_store, "--out", str(out),
+                                        "--seeds", "4", "--dry-run"])  # fmt: skip
+    assert one_seed.exit_code == 0 and "16 cells x 1 seeds" in one_seed.output, one_seed.output and "epochs=1" in result.output and not out.exists()
     g = load_grid(EXAMPLE, store_override=tiny_store, out_override=str(out))
     heads = [c.head for c in expand(g, "fp")]
     assert heads.count("spool") == 12 and {"full", "factorized", "mean-linear", "attentive-probe"} <= set(heads)
