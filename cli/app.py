@@ -369,7 +369,13 @@ def train_head(
         str,
         typer.Option(help="Local correlation: each token's similarity to the tokens within R rows and columns in "
                           "the frames within --range, as input (spool, full, factorized). 'none': off."),
-    ] = "2",
+    ] = "1",
+    correlation_token_norm: Annotated[
+        bool, typer.Option(help="Standardise each token's correlation over its neighbourhood (see --correlation).")
+    ] = True,
+    correlation_moments: Annotated[
+        bool, typer.Option(help="Also give the correlation times each token's column and row: keeps zoom and rotation.")
+    ] = True,
     spatial_range: Annotated[
         str,
         typer.Option(help="Spool head: attention between clip frames only within R rows and columns of a token's "
@@ -427,6 +433,7 @@ def train_head(
             store=str(store), out=str(out), head=head, num_heads=heads, lookahead=lookahead, lookback=lookback,
             local_frame_range=_range(range_), depth=depth, dim=dim, context_frames=not no_context, dropout=dropout,
             spatial_embedding=spatial_embedding, correlation_range=_int_or(correlation, "none", "--correlation"),
+            correlation_token_norm=correlation_token_norm, correlation_moments=correlation_moments,
             spatial_range=_int_or(spatial_range, "all", "--spatial-range"),
             backend=backend, token_pool=token_pool, norm=norm, temporal_embedding=temporal_embedding, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip,
@@ -582,6 +589,10 @@ def ablate(
         typer.Option("--set", help="KEY=VALUE: set a train-head option in the file's base, e.g. --set epochs=5 "
                                    "(repeat the option; a value is read as YAML)."),
     ] = None,
+    seeds: Annotated[
+        Optional[list[int]],
+        typer.Option("--seeds", help="Seeds for every cell and baseline; replaces the file's `seeds` (repeat the option)."),
+    ] = None,
     retry_failed: Annotated[
         bool, typer.Option(help="Train runs recorded as failed again (a re-run keeps them as failed otherwise).")
     ] = False,
@@ -614,7 +625,7 @@ def ablate(
     try:
         grid = load_grid(grid_file, store_override=store, out_override=out, cache_override=cache,
                          device_override=device, launcher_override={k: v for k, v in given.items() if v is not None},
-                         base_override=dict(_set_option(o) for o in set_ or []))  # fmt: skip
+                         base_override=dict(_set_option(o) for o in set_ or []), seeds_override=seeds)  # fmt: skip
         result = run_ablation(grid, jobs=jobs, dry_run=dry_run, progress=not quiet, retry_failed=retry_failed)
     except (ValueError, FileNotFoundError, StoreError, FeatureSetError, TrainError, LauncherError) as err:
         _fail(err)

@@ -57,6 +57,10 @@ class HeadConfig:
     # away (train-head: the head's --range); None = off
     correlation_range: int | None = None
     correlation_frames: int = 2
+    # standardise each token's cosines over its neighbourhood (per frame offset), and add their
+    # products with the token's column and row (see LocalCorrelation)
+    correlation_token_norm: bool = True
+    correlation_moments: bool = True
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     backend: str = "auto"  # auto | flex | blocked | dense
@@ -96,6 +100,12 @@ class HeadConfig:
                 raise ValueError(
                     f"HeadConfig.correlation_frames={self.correlation_frames} must be between 1 and num_frames - 1 = "
                     f"{self.num_frames - 1}: the frames each way a token is correlated with"
+                )
+            if self.correlation_token_norm and (self.correlation_range == 0 or self.num_tokens == 1):
+                raise ValueError(
+                    "HeadConfig.correlation_token_norm standardises a token's cosines over its neighbourhood, which "
+                    f"needs two positions or more: correlation_range={self.correlation_range}, "
+                    f"num_tokens={self.num_tokens} leave one"
                 )
             grid_side(self.num_tokens)
         if not 0.0 <= self.dropout < 1.0:
@@ -138,16 +148,27 @@ class LocalCorrelation(nn.Module):
 
     Token p of frame t gets its cosine similarity to the tokens within ``correlation_range``
     rows and columns of p in each frame t+tau, 0 < |tau| <= frames (zero where that frame or
-    position is outside the clip): 2 * frames * (2r+1)^2 numbers, standardised with dataset
-    statistics, then projected to the head width. Where the content of p went, and from where
-    it came, is what tells the direction of motion (a scene moving left from a scene moving
-    right); frozen-feature tokens of one object look alike all over a frame, so attention must
-    otherwise find that needle itself, and on small data it memorises the content instead
-    (docs/benchmarks.md, "Real features"). The correlation layers of flow networks and of
-    correlation networks for video (Wang et al., CVPR 2020) give it the same way.
+    position is outside the clip): 2 * frames * (2r+1)^2 numbers. Where the content of p went,
+    and from where it came, is what tells the direction of motion (a scene moving left from a
+    scene moving right); frozen-feature tokens of one object look alike all over a frame, so
+    attention must otherwise find that needle itself, and on small data it memorises the
+    content instead (docs/benchmarks.md, "Real features"). The correlation layers of flow
+    networks and of correlation networks for video (Wang et al., CVPR 2020) give it the same way.
+
+    ``token_norm``: each token's cosines to one frame are standardised over its neighbourhood
+    (mean 0, std 1 over the positions inside the frame). What matters is which neighbour matches
+    best, not how alike a photograph's textures are in general; without it the head learned
+    the latter too and generalised worse to unseen photographs.
+    ``moments``: the cosines are also given times the token's column and row (in [-1, 1], 0 at
+    the centre). Averaged over a frame, the plain cosines say how the frame moves as a whole
+    (pan, tilt); zoom and rotation move the two halves of a frame opposite ways and cancel out
+    there, and the position-weighted copies are what keeps them (the first spatial moments of
+    the motion field, an affine motion model's linear terms).
+    The features are then standardised with dataset statistics (the differences that matter are
+    a few hundredths of a cosine) and projected to the head width.
     """
 
-    def __init__(self, dim, num_tokens, frames, correlation_range):
+    def __init__(self, dim, num_tokens, frames, correlation_range, token_norm=True, moments=True):
         super().__init__()
         side = grid_side(num_tokens)
         r = correlation_range
@@ -159,22 +180,32 @@ class LocalCorrelation(nn.Module):
         inside = (nbr_rows >= 0) & (nbr_rows < side) & (nbr_cols >= 0) & (nbr_cols < side)
         self.register_buffer("neighbours", nbr_rows.clamp(0, side - 1) * side + nbr_cols.clamp(0, side - 1), persistent=False)
         self.register_buffer("inside", inside.float(), persistent=False)  # (L, n)
-        num_features = len(self.offsets) * len(shifts)
-        self.norm = nn.BatchNorm1d(num_features, affine=False)  # the differences that matter are small
+        centre = (side - 1) / 2
+        self.register_buffer("position", torch.stack([cols, rows], 1).float().sub(centre).div(max(centre, 1)), persistent=False)  # (L, 2)
+        self.token_norm, self.moments = token_norm, moments
+        num_features = len(self.offsets) * len(shifts) * (3 if moments else 1)
+        self.norm = nn.BatchNorm1d(num_features, affine=False)
         self.proj = nn.Linear(num_features, dim)
 
     def forward(self, x):
         B, T, L, D = x.shape
         z = nn.functional.normalize(x, dim=-1)  # (B, T, L, D)
         t = torch.arange(T, device=x.device)
+        count = self.inside.sum(-1, keepdim=True)  # (L, 1) neighbours inside the frame
         features = []
         for tau in self.offsets:
             other = (t + tau).clamp(0, T - 1)
             valid = ((t + tau >= 0) & (t + tau < T)).to(x.dtype)  # (T,) frame t+tau inside the clip
             sim = z @ z[:, other].transpose(-1, -2)  # (B, T, L, L) every pair of positions
             near = torch.gather(sim, 3, self.neighbours.expand(B, T, -1, -1))  # (B, T, L, n)
+            if self.token_norm:
+                mean = (near * self.inside).sum(-1, keepdim=True) / count
+                var = ((near - mean) * self.inside).square().sum(-1, keepdim=True) / count
+                near = (near - mean) / (var + 1e-4).sqrt()  # the floor: flat regions stay small
             features.append(near * self.inside * valid[:, None, None])
         c = torch.cat(features, dim=-1)  # (B, T, L, 2*frames*n)
+        if self.moments:
+            c = torch.cat([c, c * self.position[:, :1], c * self.position[:, 1:]], dim=-1)  # (B, T, L, 3*...)
         c = self.norm(c.flatten(0, 2)).view(c.shape)  # (B = 0, a rank's empty share, has no -1 to infer)
         return self.proj(c)  # (B, T, L, dim)
 
@@ -416,7 +447,10 @@ class SpoolHead(nn.Module):
         self.cfg = cfg
         correlation = None
         if cfg.correlation_range is not None:
-            correlation = LocalCorrelation(cfg.width, cfg.num_tokens, cfg.correlation_frames, cfg.correlation_range)
+            correlation = LocalCorrelation(
+                cfg.width, cfg.num_tokens, cfg.correlation_frames, cfg.correlation_range, cfg.correlation_token_norm,
+                cfg.correlation_moments,
+            )  # fmt: skip
         self.framing = ContextFraming(
             cfg.in_dim, cfg.width, cfg.num_frames, cfg.num_tokens, cfg.context_frames, cfg.spatial_embedding,
             correlation,

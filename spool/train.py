@@ -82,10 +82,13 @@ class TrainConfig:
     context_frames: bool = True
     # motion on frozen features (docs/benchmarks.md, "Real features"): a learned embedding of
     # each token's position in the frame, a local correlation of every token with its
-    # neighbourhood in the frames within --range (None: off), and an optional spatial window
+    # neighbourhood in the frames within --range (None: off; standardised per token and with
+    # its position moments, see spool.model.LocalCorrelation), and an optional spatial window
     # on attention between clip frames (None: every position)
     spatial_embedding: bool = True
-    correlation_range: int | None = 2
+    correlation_range: int | None = 1
+    correlation_token_norm: bool = True
+    correlation_moments: bool = True
     spatial_range: int | None = None
     dropout: float = 0.0
     backend: str = "auto"
@@ -121,6 +124,8 @@ RESUME_FREE_KEYS = ("resume", "overwrite", "cache", "workers", "device", "out", 
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)} | {
     "spatial_embedding": False,
     "correlation_range": None,
+    "correlation_token_norm": False,  # runs with --correlation before these two: raw cosines only
+    "correlation_moments": False,
 }
 
 
@@ -196,8 +201,9 @@ def resolve_range(local_frame_range: int | str, num_frames: int) -> int:
 
 def _correlation(cfg: TrainConfig, num_frames: int, num_tokens: int) -> int | None:
     """correlation_range for HeadConfig, or None where it cannot apply (a one-frame clip, a head
-    whose window is 0 frames). A token grid that is not square is an error (say the option)."""
-    if cfg.correlation_range is None:
+    whose window is 0 frames, one token a frame to standardise over). A token grid that is not
+    square is an error (say the option)."""
+    if cfg.correlation_range is None or (num_tokens == 1 and cfg.correlation_token_norm):
         return None
     try:
         grid_side(num_tokens)
@@ -239,6 +245,8 @@ def make_head_config(cfg: TrainConfig, *, in_dim: int, num_frames: int, num_toke
             # have none, take the default window's reach so their inputs match the default head
             correlation_range=_correlation(cfg, num_frames, num_tokens),
             correlation_frames=max(1, min(_reach(cfg, num_frames), num_frames - 1)),
+            correlation_token_norm=cfg.correlation_token_norm,
+            correlation_moments=cfg.correlation_moments,
             spatial_range=cfg.spatial_range if spool else None,
         )
     if cfg.head == "mean-linear":
@@ -285,6 +293,9 @@ def _check(cfg: TrainConfig) -> None:
         (cfg.dim is None or cfg.dim >= 1, f"--dim must be >= 1, got {cfg.dim}"),
         (cfg.correlation_range is None or cfg.correlation_range >= 0,
          f"--correlation must be >= 0 or 'none', got {cfg.correlation_range}"),
+        (cfg.correlation_range != 0 or not cfg.correlation_token_norm,
+         "--correlation 0 leaves one position to standardise a token's cosines over: pass --correlation 1 or "
+         "more, or --no-correlation-token-norm"),
         (cfg.spatial_range is None or cfg.spatial_range >= 0,
          f"--spatial-range must be >= 0 or 'all', got {cfg.spatial_range}"),
         (0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -485,6 +496,8 @@ def extraction_record(store) -> dict:
 
 def _diff_keys(saved: dict, wanted: dict) -> list[str]:
     keys = (set(saved) | set(wanted)) - set(RESUME_FREE_KEYS)
+    if saved.get("correlation_range", TRAIN_DEFAULTS["correlation_range"]) is None is wanted.get("correlation_range"):
+        keys -= {"correlation_token_norm", "correlation_moments"}  # only the correlation reads them
     return sorted(k for k in keys if saved.get(k, TRAIN_DEFAULTS.get(k)) != wanted.get(k))
 
 

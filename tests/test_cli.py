@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from spool.cli.app import app
 from spool.stores import create_store
+from spool.train import TrainConfig
 
 runner = CliRunner()
 
@@ -53,13 +54,17 @@ def test_motion_options_reach_train_config_and_bad_values_are_refused(monkeypatc
     monkeypatch.setattr("spool.train.train_head", lambda cfg, **kw: seen.setdefault("cfg", cfg) and Result())
     store = str(tmp_path / "feats.zarr")
     result = runner.invoke(app, ["train-head", store, "--no-spatial-embedding", "--correlation", "none",
-                                 "--spatial-range", "1", "-q"])  # fmt: skip
+                                 "--spatial-range", "1", "--no-correlation-token-norm", "--no-correlation-moments",
+                                 "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = seen.pop("cfg")
-    assert (cfg.spatial_embedding, cfg.correlation_range, cfg.spatial_range) == (False, None, 1)
+    motion = ("spatial_embedding", "correlation_range", "spatial_range", "correlation_token_norm", "correlation_moments")
+    assert tuple(getattr(cfg, k) for k in motion) == (False, None, 1, False, False)
     assert runner.invoke(app, ["train-head", store, "-q"]).exit_code == 0
-    cfg = seen.pop("cfg")  # the defaults: what reads motion in real features
-    assert (cfg.spatial_embedding, cfg.correlation_range, cfg.spatial_range) == (True, 2, None)
+    cfg = seen.pop("cfg")  # the command's defaults are TrainConfig's: what reads motion in real features
+    defaults = TrainConfig(store="s", out="o")
+    assert tuple(getattr(cfg, k) for k in motion) == tuple(getattr(defaults, k) for k in motion)
+    assert (cfg.spatial_embedding, cfg.correlation_token_norm, cfg.correlation_moments) == (True, True, True)
     for option, value in (("--correlation", "-1"), ("--spatial-range", "wide")):
         bad = runner.invoke(app, ["train-head", store, option, value])
         assert bad.exit_code == 2 and option in bad.output and "cfg" not in seen

@@ -246,7 +246,7 @@ def test_local_correlation_by_hand():
     the frame or the position falls outside the clip."""
     from spool.model import LocalCorrelation
 
-    corr = LocalCorrelation(dim=2, num_tokens=4, frames=1, correlation_range=1)  # 2x2 grid
+    corr = LocalCorrelation(dim=2, num_tokens=4, frames=1, correlation_range=1, token_norm=False, moments=False)  # 2x2 grid
     x = torch.randn(1, 2, 4, 3, generator=torch.Generator().manual_seed(0))
     captured = {}
     corr.norm.register_forward_hook(lambda m, inp, out: captured.setdefault("raw", inp[0]))
@@ -266,6 +266,35 @@ def test_local_correlation_by_hand():
     assert raw[0, 0, :, :9].abs().max() == 0 and raw[0, 1, :, 9:].abs().max() == 0
 
 
+def test_local_correlation_token_norm_and_moments_by_hand():
+    """token_norm: a token's cosines to one frame, standardised over the neighbours inside the
+    frame (outside: zero); moments: those numbers again times the token's column, then its row,
+    in [-1, 1] from the centre of the grid."""
+    from spool.model import LocalCorrelation
+
+    x = torch.randn(1, 2, 9, 5, generator=torch.Generator().manual_seed(1))  # 3x3 grid
+    plain = LocalCorrelation(dim=2, num_tokens=9, frames=1, correlation_range=1, token_norm=False, moments=False)
+    both = LocalCorrelation(dim=2, num_tokens=9, frames=1, correlation_range=1)
+    seen = {}
+    plain.norm.register_forward_hook(lambda m, inp, out: seen.setdefault("plain", inp[0].view(2, 9, 18)))
+    both.norm.register_forward_hook(lambda m, inp, out: seen.setdefault("both", inp[0].view(2, 9, 54)))
+    plain.eval()(x), both.eval()(x)
+    cos, got = seen["plain"], seen["both"]
+    columns, rows = [-1.0, 0.0, 1.0] * 3, [-1.0] * 3 + [0.0] * 3 + [1.0] * 3
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    t, slot = 0, 1  # frame 0 to frame 1 (offset +1)
+    for p in range(9):
+        inside = [s for s, (dy, dx) in enumerate(shifts) if 0 <= p // 3 + dy < 3 and 0 <= p % 3 + dx < 3]
+        values = torch.stack([cos[t, p, slot * 9 + s] for s in inside])
+        standard = (values - values.mean()) / (values.var(unbiased=False) + 1e-4).sqrt()
+        for s in range(9):
+            expected = float(standard[inside.index(s)]) if s in inside else 0.0
+            assert float(got[t, p, slot * 9 + s]) == pytest.approx(expected, abs=1e-5)
+            assert float(got[t, p, 18 + slot * 9 + s]) == pytest.approx(expected * columns[p], abs=1e-5)
+            assert float(got[t, p, 36 + slot * 9 + s]) == pytest.approx(expected * rows[p], abs=1e-5)
+    assert got[0, :, :9].abs().max() == 0  # frame 0 has no frame -1, normalised or not
+
+
 def test_motion_options_build_train_and_count_their_parameters():
     cfg = tiny(num_tokens=4, spatial_embedding=True, correlation_range=1, correlation_frames=1, spatial_range=0)
     model = SpoolHead(cfg, device="cpu")
@@ -275,8 +304,8 @@ def test_motion_options_build_train_and_count_their_parameters():
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     plain = SpoolHead(tiny(num_tokens=4), device="cpu")
-    # + the (L, dim) spatial embedding + Linear(2 offsets x 9 shifts = 18 features, dim)
-    assert model.param_count() == plain.param_count() + 4 * 24 + (18 + 1) * 24
+    # + the (L, dim) spatial embedding + Linear(3 x (2 offsets x 9 shifts) = 54 features, dim)
+    assert model.param_count() == plain.param_count() + 4 * 24 + (54 + 1) * 24
 
 
 def test_the_spatial_window_changes_what_a_token_sees():
@@ -301,6 +330,8 @@ def test_the_spatial_window_changes_what_a_token_sees():
     (dict(spatial_range=1), "L = 3 tokens is not a square"),
     (dict(correlation_range=1, correlation_frames=4), "correlation_frames=4 must be between 1 and"),
     (dict(correlation_range=-2), "correlation_range must be >= 0"),
+    (dict(num_tokens=4, correlation_range=0), "needs two positions or more: correlation_range=0"),
+    (dict(num_tokens=1, correlation_range=1), "needs two positions or more: correlation_range=1, num_tokens=1"),
 ])  # fmt: skip
 def test_motion_option_validation(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -334,3 +334,9 @@ def test_runs_from_before_the_motion_options_keep_their_meaning():
     today = TrainConfig(store="s", out="o")
     assert _diff_keys(old, asdict(today)) == ["correlation_range", "spatial_embedding"]
     assert _diff_keys(old, asdict(replace(today, spatial_embedding=False, correlation_range=None))) == []
+    # with --correlation but before its per-token standardisation and position moments: raw cosines
+    raw = asdict(replace(today, correlation_range=2))
+    del raw["correlation_token_norm"], raw["correlation_moments"]
+    assert _diff_keys(raw, asdict(replace(today, correlation_range=2))) == ["correlation_moments", "correlation_token_norm"]
+    as_trained = replace(today, correlation_range=2, correlation_token_norm=False, correlation_moments=False)
+    assert _diff_keys(raw, asdict(as_trained)) == []
