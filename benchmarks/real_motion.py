@@ -1,7 +1,7 @@
 """Temporal heads on trained features of real pixels: camera motion over photographs.
 
     python benchmarks/real_motion.py                      # the table in docs/benchmarks.md
-    python benchmarks/real_motion.py --folds 1 --seeds 0  # one fold, one seed (a few minutes)
+    python benchmarks/real_motion.py --only-folds 0 --seeds 0  # one fold, one seed (a few minutes)
 
 The photographs are the real ones that packages ship (scikit-image's sample data,
 scikit-learn's two sample images, matplotlib's Grace Hopper): 21 distinct photographs.
@@ -182,6 +182,11 @@ SMALL_DATA = {"dim": 64, "depth": 2, "num_heads": 4, "lr": 1e-3}
 # "spool, ..." rows take out what this benchmark led to (docs/benchmarks.md, "Real features").
 HEAD_CONFIGS: dict[str, dict] = {
     "spool": {"head": "spool", **SMALL_DATA},
+    "spool, no token norm": {"head": "spool", **SMALL_DATA, "correlation_token_norm": False},
+    "spool, no moments": {"head": "spool", **SMALL_DATA, "correlation_moments": False},
+    "spool, correlation 2": {"head": "spool", **SMALL_DATA, "correlation_range": 2},
+    "spool, raw correlation 2 (before)": {"head": "spool", **SMALL_DATA, "correlation_range": 2,
+                                          "correlation_token_norm": False, "correlation_moments": False},
     "spool, no correlation": {"head": "spool", **SMALL_DATA, "correlation_range": None},
     "spool, no spatial embedding": {"head": "spool", **SMALL_DATA, "spatial_embedding": False},
     "spool, neither (before)": {"head": "spool", **SMALL_DATA, "correlation_range": None, "spatial_embedding": False},
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/spool-real-motion"))
     parser.add_argument("--tasks", nargs="+", default=["reversal", "kind"], choices=["reversal", "kind"])
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="I",
+                        help="run these of the --folds folds only (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heads", nargs="+", default=list(HEAD_CONFIGS), choices=list(HEAD_CONFIGS))
     parser.add_argument("--head-seeds", nargs="+", default=[], metavar="HEAD=N",
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     args.weights = args.weights or real_weights()
     results = []
     for task in args.tasks:
-        for fold in range(args.folds):
+        for fold in args.only_folds if args.only_folds is not None else range(args.folds):
             t0 = time.perf_counter()
             store = build_store(args.work, task, fold, args.folds, args)
             print(f"{task} fold {fold}: store ready in {time.perf_counter() - t0:.0f} s", flush=True)

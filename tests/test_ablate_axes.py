@@ -92,6 +92,14 @@ def test_set_replaces_base_keys_and_refuses_axes(tmp_path):
         load_grid(path, base_override={"epoch": 3})
 
 
+def test_docs_list_every_grid_key_with_its_field():
+    from spool.grid import KEYS
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "ablate.md").read_text()
+    missing = [k for k, option in KEYS.items() if f"| `{k}` | `{option.field}`" not in table]
+    assert missing == []
+
+
 def test_seeds_override_replaces_the_files_seeds_and_is_checked_like_them(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"store": "s", "out": "o", "base": BASE, "grid": {"range": [1, 2]}, "seeds": [0, 1, 2]}))
