@@ -5,6 +5,9 @@ camera pans, tilts and zooms over real photographs (scikit-image's and scikit-le
 clip's exact time reversal sits in its twin class, features come from the trained ViT-S/14 of
 ../shared/real-dinov2 through `spool extract`, and train and test photographs are disjoint.
 Mean-linear averages over frames, so it cannot tell a clip from its reversal: at most 0.5.
+Measured on this set (2026-12-06, seeds 0 and 1): the Spool head 0.89 and 0.86, mean-linear
+0.22; the head before its correlation was standardised per token and given position moments
+read zoom in and zoom out at chance, which a bound of 0.7 would catch.
 """
 
 import importlib.util
@@ -47,4 +50,4 @@ def test_the_spool_head_beats_mean_linear_on_held_out_photographs(real_motion, r
     baseline = top1("mean-linear")
     spool = top1("spool", **real_motion.SMALL_DATA, epochs=20, batch_size=16)
     assert baseline <= 0.5  # by construction: a clip and its reversal average alike
-    assert spool >= baseline + 0.2, (spool, baseline)
+    assert spool >= 0.7 and spool >= baseline + 0.3, (spool, baseline)
